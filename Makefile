@@ -1,0 +1,12 @@
+# The two commands of the README. Each sets the machine up first (scripts/setup.sh).
+.PHONY: setup test quickstart
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+quickstart: setup
+	.venv/bin/python -m tasks.train --dataset fashion-mnist --pad-to-32 --resolution 16 --preset ddpmpp-tiny \
+		--kimg 40 --out runs/quickstart

@@ -1,0 +1,1 @@
+"""Ray orchestration and the user-facing surface (issue 5)."""

@@ -1,0 +1,205 @@
+"""Preconditioning (EDM Table 1) and adapters that turn any model into a denoiser D(x; sigma).
+
+A denoiser here is a callable D(x, sigma, class_labels=None) in EDM's non-scaled space
+(x = y + sigma * n, s = 1) with attributes sigma_min, sigma_max and round_sigma(sigma). Samplers
+and the calibration code only ever see this interface.
+
+EDM Table 1 (all four use D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)):
+
+    VP:     c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise (M-1) sigma^-1(sigma)
+    VE:     c_skip 1, c_out sigma,  c_in 1,                 c_noise log(sigma/2)
+    iDDPM:  c_skip 1, c_out -sigma, c_in 1/sqrt(sigma^2+1), c_noise M-1-argmin_j |u_j - sigma|
+    EDM:    c_skip sigma_data^2/(sigma^2+sigma_data^2), c_out sigma sigma_data/sqrt(sigma^2+sigma_data^2),
+            c_in 1/sqrt(sigma^2+sigma_data^2), c_noise log(sigma)/4
+"""
+import torch
+
+from tasks import schedules
+from tasks.networks import SongUNet
+
+
+class Precond(torch.nn.Module):
+    """Shared part of the four preconditioners: holds `model` (a SongUNet, as in EDM, so EDM
+    state dicts load strictly) and evaluates D = c_skip x + c_out F(c_in x; c_noise)."""
+    out_channel_factor = 1
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, **model_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.use_fp16 = use_fp16
+        self.model = SongUNet(img_resolution=img_resolution, in_channels=img_channels,
+                              out_channels=img_channels * self.out_channel_factor, label_dim=label_dim, **model_kwargs)
+
+    def coefficients(self, sigma):
+        """(c_skip, c_out, c_in, c_noise) for sigma of shape [N, 1, 1, 1] (float32)."""
+        raise NotImplementedError
+
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model((c_in * x).to(dtype), c_noise.flatten().expand(x.shape[0]) if c_noise.numel() == 1 else c_noise.flatten(),
+                         class_labels=class_labels, **model_kwargs)
+        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+
+class VPPrecond(Precond):
+    """EDM Table 1, VP (Song et al. 2021 DDPM++ training)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
+        self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
+        self.schedule = schedules.VPSchedule(beta_d=beta_d, beta_min=beta_min)
+        self.sigma_min = float(self.schedule.sigma(epsilon_t))
+        self.sigma_max = float(self.schedule.sigma(1))
+
+    def coefficients(self, sigma):
+        # sigma^-1(sigma) in float32, as EDM computes it.
+        sigma_inv = ((self.beta_min ** 2 + 2 * self.beta_d * (sigma ** 2 + 1).log()).sqrt() - self.beta_min) / self.beta_d
+        c_noise = (self.M - 1) * sigma_inv
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+
+
+class VEPrecond(Precond):
+    """EDM Table 1, VE (Song et al. 2021 NCSN++ training)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0.02, sigma_max=100, **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def coefficients(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
+
+
+class iDDPMPrecond(Precond):
+    """EDM Table 1, iDDPM (Nichol & Dhariwal 2021): the net predicts noise and a variance term
+    (2x channels; only the first half is used), at the discrete levels u_j."""
+    out_channel_factor = 2
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 C_1=0.001, C_2=0.008, M=1000, **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
+        self.C_1, self.C_2, self.M = C_1, C_2, M
+        self.register_buffer('u', schedules.iddpm_u(M, C_1, C_2).to(torch.float32))
+        self.sigma_min = float(self.u[M - 1])
+        self.sigma_max = float(self.u[0])
+
+    def coefficients(self, sigma):
+        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+
+    def round_sigma(self, sigma, return_index=False):
+        """Nearest u_j to sigma (the only levels the model was trained on)."""
+        sigma = torch.as_tensor(sigma)
+        index = (sigma.to(self.u.device).to(torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(1)
+        result = index if return_index else self.u[index].to(sigma.dtype)
+        return result.reshape(sigma.shape).to(sigma.device)
+
+
+class EDMPrecond(Precond):
+    """EDM Table 1, EDM column (the preconditioning the paper proposes)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False,
+                 sigma_min=0, sigma_max=float('inf'), sigma_data=0.5, **model_kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+
+    def coefficients(self, sigma):
+        sd = self.sigma_data
+        return (sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt(),
+                1 / (sd ** 2 + sigma ** 2).sqrt(), sigma.log() / 4)
+
+
+PRECONDS = {'vp': VPPrecond, 've': VEPrecond, 'iddpm': iDDPMPrecond, 'edm': EDMPrecond}
+
+
+def build_denoiser(preset, precond='edm', img_resolution=32, img_channels=3, label_dim=0,
+                   precond_kwargs=None, **network_overrides):
+    """A preconditioned SongUNet from a named network preset (tasks.networks.PRESETS)."""
+    from tasks.networks import preset_kwargs
+    if precond not in PRECONDS:
+        raise ValueError(f'unknown precond {precond!r}; valid: {", ".join(PRECONDS)}')
+    return PRECONDS[precond](img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+                             **(precond_kwargs or {}), **preset_kwargs(preset, **network_overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parametrizations of a VP model and their conversion to and from the data prediction.
+# x_t = alpha x_0 + std eps. Calib Eq. 26 uses the same relations for the calibration term.
+
+PREDICTIONS = ('noise', 'data', 'v', 'score')
+
+
+def prediction_to_data(output, x_t, alpha, std, prediction):
+    """The data prediction x_0 implied by a model output of the given kind at x_t."""
+    if prediction == 'noise':
+        return (x_t - std * output) / alpha
+    if prediction == 'data':
+        return output
+    if prediction == 'v':      # v = alpha eps - std x_0 (Salimans & Ho 2022)
+        return alpha * x_t - std * output
+    if prediction == 'score':  # score = -eps / std
+        return (x_t + std ** 2 * output) / alpha
+    raise ValueError(f'unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}')
+
+
+def data_to_prediction(x0, x_t, alpha, std, prediction):
+    """Inverse of prediction_to_data."""
+    eps = (x_t - alpha * x0) / std
+    if prediction == 'noise':
+        return eps
+    if prediction == 'data':
+        return x0
+    if prediction == 'v':
+        return alpha * eps - std * x0
+    if prediction == 'score':
+        return -eps / std
+    raise ValueError(f'unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}')
+
+
+class VPModelDenoiser(torch.nn.Module):
+    """D(x; sigma) from a VP model `model(x_t, t_input, class_labels)` that predicts noise, data,
+    velocity or score, on one of DPM-Solver's noise schedules (tasks.schedules).
+
+    sigma maps to time by t = lambda^-1(-log sigma); the model sees x_t = alpha_t x and its own
+    time input: t for continuous-time models, (t - 1/N) * 1000 for discrete-time models
+    (DPM-Solver's convention; fractional labels between the trained integers are interpolated
+    by the model itself)."""
+
+    def __init__(self, model, noise_schedule, prediction='noise', discrete_time=None):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f'unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}')
+        self.model, self.noise_schedule, self.prediction = model, noise_schedule, prediction
+        if discrete_time is None:
+            discrete_time = isinstance(noise_schedule, schedules.VPDiscreteNoiseSchedule)
+        self.discrete_time = discrete_time
+        t_min = noise_schedule.default_t_end(0) if discrete_time else 1e-5
+        self.sigma_min = float(noise_schedule.sigma(t_min))
+        self.sigma_max = float(noise_schedule.sigma(noise_schedule.T))
+
+    def forward(self, x, sigma, class_labels=None):
+        sigma64 = torch.as_tensor(sigma, dtype=torch.float64, device='cpu').reshape(-1)
+        t = self.noise_schedule.t_of_sigma(sigma64)
+        alpha = self.noise_schedule.alpha(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        std = self.noise_schedule.std(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        t_input = self.noise_schedule.model_time(t) if self.discrete_time else t
+        x_t = alpha * x
+        t_input = t_input.to(x.device, torch.float32).expand(x.shape[0]) if t_input.numel() == 1 else t_input.to(x.device, torch.float32)
+        output = self.model(x_t, t_input, class_labels)
+        return prediction_to_data(output.to(x.dtype), x_t, alpha, std, self.prediction)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)

@@ -6,7 +6,8 @@
 
 Each returns the per-element weighted loss lambda(sigma) ||D(y + n; sigma) - y||^2 (shape of the
 images), as EDM does; the training loop sums it and divides by the batch size. `generator`
-makes the draws reproducible (checkpoint resume, tests).
+makes the draws reproducible (checkpoint resume, tests). With return_denoised=True the loss
+comes with (sigma, D(y + n; sigma)), which dynamic recording (tasks.calibration) learns from.
 """
 import torch
 
@@ -29,8 +30,8 @@ class VPLoss:
     def weight(self, sigma):
         return 1 / sigma ** 2
 
-    def __call__(self, net, images, labels=None, augment_labels=None, generator=None):
-        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator)
+    def __call__(self, net, images, labels=None, augment_labels=None, generator=None, return_denoised=False):
+        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator, return_denoised)
 
 
 class VELoss:
@@ -43,8 +44,8 @@ class VELoss:
     def weight(self, sigma):
         return 1 / sigma ** 2
 
-    def __call__(self, net, images, labels=None, augment_labels=None, generator=None):
-        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator)
+    def __call__(self, net, images, labels=None, augment_labels=None, generator=None, return_denoised=False):
+        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator, return_denoised)
 
 
 class EDMLoss:
@@ -57,16 +58,17 @@ class EDMLoss:
     def weight(self, sigma):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
-    def __call__(self, net, images, labels=None, augment_labels=None, generator=None):
-        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator)
+    def __call__(self, net, images, labels=None, augment_labels=None, generator=None, return_denoised=False):
+        return _weighted_denoising_loss(self, net, images, labels, augment_labels, generator, return_denoised)
 
 
-def _weighted_denoising_loss(loss, net, images, labels, augment_labels, generator):
+def _weighted_denoising_loss(loss, net, images, labels, augment_labels, generator, return_denoised):
     sigma = loss.sample_sigma(images, generator)
     n = torch.randn(images.shape, device=images.device, generator=generator) * sigma
     kwargs = {} if augment_labels is None else dict(augment_labels=augment_labels)
     D_yn = net(images + n, sigma, labels, **kwargs)
-    return loss.weight(sigma) * (D_yn - images) ** 2
+    weighted = loss.weight(sigma) * (D_yn - images) ** 2
+    return (weighted, sigma, D_yn) if return_denoised else weighted
 
 
 LOSSES = {'vp': VPLoss, 've': VELoss, 'edm': EDMLoss}

@@ -10,9 +10,18 @@
 Both take x of shape [N, ...] and sigma as a scalar or [N] (any of the shapes samplers pass),
 and expose sigma_min = 0, sigma_max = inf, round_sigma like tasks.precond's denoisers.
 """
+import hashlib
 import math
 
 import torch
+
+
+def _hash_tensors(*tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _sigma_column(sigma, n, dtype, device):
@@ -37,6 +46,9 @@ class IdealDenoiser:
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
+
+    def fingerprint(self):
+        return _hash_tensors(self.data, self.labels)
 
     def __call__(self, x, sigma, class_labels=None):
         n = x.shape[0]
@@ -83,6 +95,9 @@ class GaussianMixtureDenoiser:
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
+
+    def fingerprint(self):
+        return _hash_tensors(self.weights, self.means, self.variances)
 
     def responsibilities(self, x, sigma):
         """r_k(x) of the noisy mixture at level sigma, [N, K]."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tasks import calibration
 from tasks import data as data_mod
 from tasks.losses import build_loss
 from tasks.precond import build_denoiser
@@ -47,6 +48,9 @@ class TrainConfig:
     seed: int = 0
     kimg_per_tick: float = 1.0
     checkpoint_ticks: int = 5
+    dynamic_recording: bool = False        # train h_phi(sigma) alongside (Calib Sec. 3.5)
+    recording_lr: float = 1e-3
+    recording_table: str = None            # CalibrationTable file to log h_phi's MSE against
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -160,6 +164,13 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
     loss_fn = build_loss(config.loss, **config.loss_kwargs)
     batches = _Batches(len(dataset), batch_gpu, data_gen, rank, world_size)
     cur_nimg, log = 0, []
+    recorder = reference_table = None
+    if config.dynamic_recording:
+        recorder = calibration.DynamicRecorder(
+            calibration.OffsetNet((dataset.channels, dataset.resolution, dataset.resolution), label_dim).to(device),
+            config.recording_lr)
+        if config.recording_table:
+            reference_table = calibration.CalibrationTable.load(config.recording_table)
 
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     if resume and os.path.exists(ckpt_path):
@@ -179,6 +190,9 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         if device.type == 'cuda':
             torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
         cur_nimg, log = state['cur_nimg'], state['log']
+        if recorder is not None:
+            recorder.h.load_state_dict(state['offset_net'])
+            recorder.optimizer.load_state_dict(state['offset_optimizer'])
 
     ddp = wrap_ddp(net) if wrap_ddp is not None else net
     images_all = dataset.images
@@ -202,8 +216,10 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
 
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss = loss_fn(ddp, images, labels, generator=noise_gen)
+            loss, sigma, denoised = loss_fn(ddp, images, labels, generator=noise_gen, return_denoised=True)
         loss.sum().mul(1 / batch_gpu).backward()
+        if recorder is not None:
+            recorder.update(sigma, denoised, images, labels)
         tick_losses.append(loss.detach().mean())
 
         for g in optimizer.param_groups:
@@ -230,6 +246,8 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         record = dict(tick=tick, kimg=cur_nimg / 1000, loss=float(torch.stack(tick_losses).mean()),
                       lr=optimizer.param_groups[0]['lr'], sec_per_kimg=elapsed / max(cur_nimg - tick_start_nimg, 1) * 1000,
                       img_per_sec=(cur_nimg - tick_start_nimg) / max(elapsed, 1e-9), wall_time=time.time())
+        if reference_table is not None:
+            record['offset_mse'] = calibration.offset_mse(recorder.h, reference_table)
         log.append(record)
         if bar is not None:
             bar.set_postfix(loss=f'{record["loss"]:.4f}')
@@ -242,6 +260,8 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
                          cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
                          log=log, config=dataclasses.asdict(config), image_shape=(dataset.channels, dataset.resolution),
                          label_dim=label_dim, data_info=data_info)
+            if recorder is not None:
+                state.update(offset_net=recorder.h.state_dict(), offset_optimizer=recorder.optimizer.state_dict())
             atomic_torch_save(state, ckpt_path)
             if on_checkpoint is not None:
                 on_checkpoint(ckpt_path, record)
@@ -252,8 +272,9 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         bar.close()
     if rank == 0:
         atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
-                               image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim,
-                               data_info=data_info), os.path.join(run_dir, NETWORK))
+                               image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info,
+                               offset_net=None if recorder is None else recorder.h.state_dict()),
+                          os.path.join(run_dir, NETWORK))
         with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in log)
     return log

@@ -1,0 +1,308 @@
+import math
+import random
+
+import pytest
+import torch
+
+from tasks import calibration, data, oracles, precond, samplers, schedules, train
+
+SHAPE = (1, 4, 4)
+SIGMAS = [0.02, 0.1, 0.5, 2.0, 10.0]
+
+
+def _gaussian_images(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g) * 0.5 + torch.linspace(-0.5, 0.5, 16).reshape(SHAPE)
+
+
+class Biased:
+    """An exact denoiser plus a known offset b(sigma) (smooth in log sigma)."""
+
+    def __init__(self, oracle):
+        self.oracle = oracle
+        self.sigma_min, self.sigma_max = 0.0, float('inf')
+        self.img_channels, self.img_resolution = 1, 4
+        self.pattern = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(SHAPE)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def fingerprint(self):
+        return 'biased-' + self.oracle.fingerprint()
+
+    def bias(self, sigma):
+        s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return 0.3 * torch.tanh(s.log()) * self.pattern
+
+    def __call__(self, x, sigma, class_labels=None):
+        return self.oracle(x, sigma) + self.bias(sigma).to(x.dtype)
+
+
+@pytest.fixture(scope='module')
+def gmm():
+    w, m, v = data.toy_mixture('grid9', std=0.4)
+    return oracles.GaussianMixtureDenoiser(w, m.repeat(1, 8) * 0.5, v, shape=SHAPE)
+
+
+def test_ideal_denoiser_term_is_zero_on_its_data_and_not_on_held_out():
+    """Calib Eq. 13: for the ideal denoiser of a dataset, E_q[D] - E[y] = 0 on that dataset
+    (within the Monte Carlo error at every sigma) and != 0 on held-out data at small sigma."""
+    train_images = _gaussian_images(64, 0)
+    oracle = oracles.IdealDenoiser(train_images)
+    own = calibration.estimate_table(oracle, train_images, SIGMAS, chunk_size=16, noise_draws=16, seed=1)
+    c, se = own.offset()[0], own.standard_error()[0]
+    assert torch.all(c.abs() <= 5 * se + 1e-12)
+    # The standard error treats images as drawn from the data distribution; using every training
+    # image once cancels the between-image variance here, so it is conservative (E z^2 < 1).
+    ok = se > 1e-6
+    assert float(((c[ok] / se[ok]) ** 2).mean()) < 1.5
+
+    held_out = _gaussian_images(4000, 1)
+    other = calibration.estimate_table(oracle, held_out, SIGMAS[:1], chunk_size=1000, seed=2)
+    c, se = other.offset()[0, 0], other.standard_error()[0, 0]
+    assert float((c ** 2).sum()) > 25 * float((se ** 2).sum())
+
+
+def test_biased_denoiser_offset_recovered_and_dsm_gap_eq27(gmm):
+    """Calibrating an oracle + b(sigma) recovers b within its standard error, and lowers the DSM
+    objective by exactly what Eq. 27 predicts on fresh samples."""
+    net = Biased(gmm)
+    y = gmm.sample(8000, generator=torch.Generator().manual_seed(0)).to(torch.float32)
+    table = calibration.estimate_table(net, y, SIGMAS, chunk_size=2000, seed=3)
+    c, se = table.offset()[0], table.standard_error()[0]
+    b = net.bias(table.sigmas)
+    assert torch.all((c - b).abs() <= 5 * se)
+
+    gap = calibration.dsm_gap(table)
+    assert torch.allclose(gap['data'], (b.flatten(1) ** 2).sum(1), rtol=0.05)
+    assert torch.allclose(gap['noise'], gap['data'] / table.sigmas ** 2)
+
+    cal = calibration.CalibratedDenoiser(net, table)
+    y_fresh = gmm.sample(20000, generator=torch.Generator().manual_seed(9))
+    for k, sigma in enumerate(SIGMAS):
+        x = y_fresh + sigma * torch.randn(y_fresh.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        r = net(x, sigma) - y_fresh
+        delta = (r ** 2).flatten(1).sum(1) - ((cal(x, sigma) - y_fresh) ** 2).flatten(1).sum(1)
+        predicted = 2 * float((c[k] * b[k]).sum()) - float((c[k] ** 2).sum())  # E||D-y||^2 - E||D-c-y||^2
+        se_delta = float(delta.std()) / math.sqrt(len(delta))
+        assert abs(float(delta.mean()) - predicted) < 4 * se_delta + 1e-9, (sigma, float(delta.mean()), predicted)
+        assert float(delta.mean()) > 0
+
+
+def test_merge_is_exact_for_any_partition_and_batch_size(gmm):
+    net = Biased(gmm)
+    y = gmm.sample(80, generator=torch.Generator().manual_seed(0)).to(torch.float32)
+    kw = dict(sigmas=SIGMAS, chunk_size=10, seed=5, noise_draws=2, flips=True)
+    whole = calibration.estimate_table(net, y, batch_size=64, **kw)
+    for workers in (1, 3, 8):
+        groups = data.assign_chunks(8, workers)
+        parts = [calibration.estimate_table(net, y, chunk_indices=g, batch_size=7, **kw) for g in groups if g]
+        random.Random(workers).shuffle(parts)
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = merged.merge(p)
+        assert merged.chunks == set(range(8)) and merged.meta['image_count'] == 80
+        assert torch.equal(merged.count, whole.count)
+        for name in ('sum_D', 'sum_y', 'sum_r2'):
+            a, b = getattr(merged, name), getattr(whole, name)
+            assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max()), name
+    with pytest.raises(calibration.CalibrationError, match='counted twice'):
+        whole.merge(whole)
+
+
+def test_standard_error_shrinks_as_one_over_sqrt_n(gmm):
+    net = Biased(gmm)
+    y = gmm.sample(6400, generator=torch.Generator().manual_seed(1)).to(torch.float32)
+    small = calibration.estimate_table(net, y[:1600], [1.0], chunk_size=400, seed=0)
+    large = calibration.estimate_table(net, y, [1.0], chunk_size=400, seed=0)
+    ratio = float(small.standard_error().mean() / large.standard_error().mean())
+    assert ratio == pytest.approx(2.0, rel=0.1)
+
+
+def test_calibrated_denoiser_has_zero_mean_term(gmm):
+    net = Biased(gmm)
+    y = gmm.sample(4000, generator=torch.Generator().manual_seed(2)).to(torch.float32)
+    table = calibration.estimate_table(net, y, SIGMAS, chunk_size=1000, seed=1)
+    cal = calibration.CalibratedDenoiser(net, table)
+    y2 = gmm.sample(4000, generator=torch.Generator().manual_seed(3)).to(torch.float32)
+    after = calibration.estimate_table(cal, y2, SIGMAS, chunk_size=1000, seed=2)
+    # Residual: the first table's own estimation error plus this one's, both ~ se.
+    assert torch.all(after.offset().abs() <= 5 * (after.standard_error() + table.standard_error()))
+    assert float(after.offset().square().sum()) < 0.05 * float(table.offset().square().sum())
+
+
+SAMPLER_CONFIGS = [
+    ('edm', dict(num_steps=8)),
+    ('edm', dict(num_steps=8, S_churn=20, S_min=0.05, S_max=20, S_noise=1.003)),
+    ('ablation', dict(num_steps=8, solver='euler', discretization='vp', schedule='vp', scaling='vp')),
+    ('ablation', dict(num_steps=8, solver='heun', discretization='ve', schedule='ve')),
+    ('ablation', dict(num_steps=8, solver='heun', discretization='iddpm')),
+] + [('dpm_solver', dict(steps=10, order=o, method=m, algorithm_type=a))
+     for o in (1, 2, 3) for m in samplers.DPM_METHODS for a in samplers.DPM_ALGORITHMS]
+
+
+def test_one_table_serves_every_sampler(gmm):
+    """The union of the sigmas each configuration queries is estimated once; every sampler of
+    the core then samples with the calibrated denoiser, looking sigmas up exactly."""
+    net = Biased(gmm)
+    grids = [calibration.queried_sigmas(name, net, **kw) for name, kw in SAMPLER_CONFIGS]
+    grid = calibration.union_sigmas(*grids)
+    assert len(grid) < sum(len(g) for g in grids)  # shared sigmas are estimated once
+    y = gmm.sample(64, generator=torch.Generator().manual_seed(4)).to(torch.float32)
+    table = calibration.estimate_table(net, y, grid, chunk_size=64)
+    latents = torch.randn(16, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for name, kw in SAMPLER_CONFIGS:
+        cal = calibration.CalibratedDenoiser(net, table, context=f'{name} {kw}')
+        x, nfe = samplers.get_sampler(name)(cal, latents, return_nfe=True, **kw)
+        assert torch.isfinite(x).all() and nfe > 0
+
+
+def test_queried_sigmas_match_sampler_rules(gmm):
+    edm = calibration.queried_sigmas('edm', gmm, num_steps=18)
+    assert torch.allclose(edm, samplers.schedules.edm_sigma_steps(18).flip(0))
+    churn = calibration.queried_sigmas('edm', gmm, num_steps=18, S_churn=40, S_min=0.05, S_max=50)
+    assert len(churn) > 18  # sigma-hats are added
+    fast = calibration.queried_sigmas('dpm_solver', gmm, steps=10, order=3, method='singlestep')
+    assert len(fast) == 10  # every evaluation at a distinct sigma
+
+
+def test_grid_miss_names_sigma_and_sampler(gmm):
+    net = Biased(gmm)
+    y = gmm.sample(32, generator=torch.Generator().manual_seed(5)).to(torch.float32)
+    table = calibration.estimate_table(net, y, calibration.queried_sigmas('edm', net, num_steps=8), chunk_size=32)
+    cal = calibration.CalibratedDenoiser(net, table, context='dpm_solver order 2 NFE 10')
+    with pytest.raises(calibration.CalibrationError, match=r'sigma .* \(asked by dpm_solver order 2 NFE 10\) is not on the calibration grid'):
+        samplers.dpm_solver_sampler(cal, torch.zeros(2, *SHAPE, dtype=torch.float64), steps=10, order=2)
+
+
+def test_log_sigma_interpolation_only_when_asked():
+    table = calibration.CalibrationTable([0.1, 1.0, 10.0], (2,))
+    for k, s in enumerate([0.1, 1.0, 10.0]):
+        table.add(k, torch.full((1, 2), math.log(s), dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64))
+    with pytest.raises(calibration.CalibrationError, match='not on the calibration grid'):
+        table.lookup(0.5)
+    assert torch.allclose(table.lookup(0.5, interpolate=True), torch.full((1, 2), math.log(0.5), dtype=torch.float64))
+    assert torch.allclose(table.lookup(torch.tensor([1.0, 10.0])), torch.tensor([[0.0, 0.0], [math.log(10)] * 2], dtype=torch.float64))
+    with pytest.raises(calibration.CalibrationError, match='does not extrapolate'):
+        table.lookup(20.0, interpolate=True)
+
+
+def test_per_class_terms():
+    """A class-conditional table subtracts each class's own term; the pooled term is their
+    count-weighted mean."""
+    images = torch.cat([_gaussian_images(40, 0) + 1, _gaussian_images(60, 1) - 1])
+    labels = torch.tensor([0] * 40 + [1] * 60)
+    net = oracles.IdealDenoiser(images[::2], labels=labels[::2])  # trained on half: nonzero terms
+    table = calibration.estimate_table(net, images, [0.05, 0.5], labels=labels, num_classes=2, chunk_size=25, seed=0)
+    per_class = table.offset(per_class=True)
+    pooled = table.offset()[0]
+    assert torch.allclose(pooled, (40 * per_class[0] + 60 * per_class[1]) / 100)
+    onehot = torch.eye(2)[[1, 0, 1]]
+    got = table.lookup(0.5, onehot)
+    assert torch.allclose(got, per_class[[1, 0, 1], 1])
+    cal = calibration.CalibratedDenoiser(net, table)
+    x = torch.randn(3, *SHAPE)
+    assert torch.allclose(cal(x, 0.5, onehot), net(x, 0.5, onehot) - per_class[[1, 0, 1], 1].to(x.dtype))
+
+
+def test_file_round_trip_and_refusals(tmp_path, gmm):
+    net = Biased(gmm)
+    y = gmm.sample(40, generator=torch.Generator().manual_seed(6)).to(torch.float32)
+    meta = dict(model=calibration.fingerprint(net), dataset='gmm-grid9', source='data')
+    table = calibration.estimate_table(net, y, SIGMAS, chunk_size=10, noise_draws=3, flips=True, seed=11, meta=meta)
+    table.save(tmp_path / 't.pt')
+    loaded = calibration.CalibrationTable.load(tmp_path / 't.pt')
+    assert loaded.meta == table.meta and loaded.chunks == table.chunks
+    assert {k: loaded.meta[k] for k in ('image_count', 'seed', 'noise_draws', 'flips', 'chunk_size', 'source')} == \
+        dict(image_count=40, seed=11, noise_draws=3, flips=True, chunk_size=10, source='data')
+    for name in ('sigmas', 'sum_D', 'sum_y', 'sum_r2', 'count'):
+        assert torch.equal(getattr(loaded, name), getattr(table, name))
+
+    with pytest.raises(calibration.CalibrationError, match="field 'model' differs"):
+        loaded.check_compatible(dict(model=calibration.fingerprint(gmm)))
+    with pytest.raises(calibration.CalibrationError, match="field 'shape' differs"):
+        loaded.check_compatible(dict(shape=[3, 32, 32]))
+    (tmp_path / 'bad.pt').write_bytes(b'not a table')
+    with pytest.raises(calibration.CalibrationError, match='bad.pt: not a readable calibration table'):
+        calibration.CalibrationTable.load(tmp_path / 'bad.pt')
+    torch.save({'format': 'other'}, tmp_path / 'other.pt')
+    with pytest.raises(calibration.CalibrationError, match="other.pt: not a calibration table"):
+        calibration.CalibrationTable.load(tmp_path / 'other.pt')
+
+
+def test_eq26_terms_match_parametrizations():
+    """Subtracting each parametrization's term gives the same calibrated model as D - c."""
+    ns = schedules.VPLinearNoiseSchedule()
+    t = torch.tensor(0.3, dtype=torch.float64)
+    alpha, std = ns.alpha(t), ns.std(t)
+    sigma = std / alpha
+    g = torch.Generator().manual_seed(0)
+    D, c, x = (torch.randn(4, 3, dtype=torch.float64, generator=g) for _ in range(3))
+    x_t = alpha * x
+    for kind in precond.PREDICTIONS:
+        out = precond.data_to_prediction(D, x_t, alpha, std, kind)
+        out_cal = precond.data_to_prediction(D - c, x_t, alpha, std, kind)
+        assert torch.allclose(out - out_cal, calibration.calibration_term(c, sigma, kind, alpha), rtol=1e-10, atol=1e-12)
+
+
+def test_figure1_terms_and_likelihood_gain():
+    ns = schedules.VPLinearNoiseSchedule(0.1, 20.0)
+    t = torch.linspace(0.05, 1.0, 400, dtype=torch.float64)  # smooth part: the integrand grows like 1/t^2 near 0
+    table = calibration.CalibrationTable(ns.sigma(t), (2,))
+    a = torch.tensor([[0.3, -0.4]], dtype=torch.float64)  # constant offset c
+    for k in range(len(table.sigmas)):
+        table.add(k, a, torch.zeros_like(a))
+    terms = calibration.likelihood_terms(table, ns)
+    e2 = 0.25 / table.sigmas ** 2
+    beta = 0.1 + terms['t'] * 19.9
+    assert torch.allclose(terms['half_sq'], 0.5 * e2)
+    assert torch.allclose(terms['weighted'], beta / (2 * ns.std(terms['t']) ** 2) * e2, rtol=1e-6)
+    # g^2 / (2 std^2) * 0.25 alpha^2 / std^2 integrated numerically on a finer grid.
+    tt = torch.linspace(0.05, 1.0, 20001, dtype=torch.float64)
+    fine = (0.1 + tt * 19.9) / (2 * ns.std(tt) ** 2) * 0.25 / ns.sigma(tt) ** 2
+    assert calibration.likelihood_gain(table, ns) == pytest.approx(float(torch.trapezoid(fine, tt)), rel=1e-3)
+
+
+def test_generated_data_calibration(gmm):
+    net = Biased(gmm)
+    ds = calibration.generated_dataset(net, 32, 'edm', num_steps=6)
+    assert ds.images.dtype == torch.uint8 and ds.images.shape == (32, *SHAPE) and ds.name == 'generated:edm'
+    table = calibration.estimate_table(net, ds.images, [0.5], chunk_size=16, meta=dict(source='generated'))
+    assert table.meta['source'] == 'generated' and table.meta['image_count'] == 32
+
+
+def test_dynamic_recording_post_hoc_converges_to_table(gmm):
+    """h_phi trained post hoc on a frozen biased oracle approaches the table's c(sigma)."""
+    net = Biased(gmm)
+    y = gmm.sample(8000, generator=torch.Generator().manual_seed(7)).to(torch.float32)
+    grid = torch.logspace(-1.5, 1, 8, dtype=torch.float64)
+    table = calibration.estimate_table(net, y, grid, chunk_size=2000, seed=1)
+    torch.manual_seed(0)
+    h = calibration.fit_offset_net(net, y, steps=1500, batch_size=256, lr=3e-3, seed=0)
+    mse, scale = calibration.offset_mse(h, table), float(table.offset().square().mean())
+    assert mse < 0.05 * scale, (mse, scale)
+    cal = calibration.CalibratedDenoiser(net, h)  # usable in place of a table
+    assert torch.isfinite(samplers.edm_sampler(cal, torch.randn(4, *SHAPE, dtype=torch.float64), num_steps=6)).all()
+
+
+def test_dynamic_recording_during_training(tmp_path):
+    images = (torch.rand(64, 1, 8, 8) * 255).to(torch.uint8)
+    ds = data.ImageDataset(images, torch.zeros(64, dtype=torch.long), 'noise')
+    table = calibration.CalibrationTable([0.5, 2.0], (1, 8, 8))
+    table.add(0, torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+    table.add(1, torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+    table.save(tmp_path / 'ref.pt')
+    config = train.TrainConfig(preset='ddpmpp-tiny', batch_size=16, total_kimg=0.064, kimg_per_tick=0.032,
+                               dynamic_recording=True, recording_table=str(tmp_path / 'ref.pt'))
+    log = train.train(config, ds, str(tmp_path / 'run'), progress=False)
+    assert all('offset_mse' in r and math.isfinite(r['offset_mse']) for r in log)
+    blob = torch.load(tmp_path / 'run' / train.NETWORK, weights_only=False)
+    assert blob['offset_net'] is not None
+
+
+def test_mean_eps_figure(tmp_path, gmm):
+    net = Biased(gmm)
+    y = gmm.sample(64, generator=torch.Generator().manual_seed(8)).to(torch.float32)
+    table = calibration.estimate_table(net, y, SIGMAS, chunk_size=64)
+    calibration.save_mean_eps_figure(table, tmp_path / 'fig3.png', num_sigmas=5)
+    assert (tmp_path / 'fig3.png').stat().st_size > 1000

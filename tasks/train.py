@@ -135,16 +135,16 @@ class _Batches:
 
 
 def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on_tick=None,
-          on_checkpoint=None, rank=0, world_size=1, wrap_ddp=None, data_info=None):
+          rank=0, world_size=1, wrap_ddp=None, data_info=None):
     """Train a denoiser on `dataset` (tasks.data.ImageDataset, uint8) for config.total_kimg.
 
     Writes run_dir/training-state.pt every config.checkpoint_ticks ticks and at the end
-    (net, EMA, optimizer, progress, RNG states, resolved config), and run_dir/network.pt (EMA
-    weights + config) at the end; resumes from training-state.pt when `resume`.
-    on_tick(record) receives each tick's log record; on_checkpoint(path, record) each saved
-    checkpoint (the Ray Train wrapper reports them). `wrap_ddp(net)` wraps the network for
-    data-parallel training (batch_size is the total over `world_size` workers).
-    Returns the list of tick records.
+    (net, EMA, optimizer, progress, every rank's RNG states, resolved config), and
+    run_dir/network.pt (EMA weights, config, log) at the end; resumes from training-state.pt when
+    `resume`. on_tick(record, checkpoint_path) is called on every rank after each tick, with the
+    path of the checkpoint just written (rank 0) or None (the Ray Train wrapper reports them).
+    `wrap_ddp(net)` wraps the network for data-parallel training (batch_size is the total over
+    `world_size` workers). Returns the list of tick records.
     """
     os.makedirs(run_dir, exist_ok=True)
     device = torch.device(device)
@@ -181,14 +181,17 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         if diff:
             raise ValueError(f'{ckpt_path} was written with another config (differs in: {", ".join(diff)}); '
                              f'use another run directory or resume=False')
+        if len(state['rank_states']) != world_size:
+            raise ValueError(f'{ckpt_path} was written by {len(state["rank_states"])} workers; resume it with as many')
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
-        batches.load_state_dict(state['batches'])
-        noise_gen.set_state(state['noise_generator'].cpu())
-        torch.set_rng_state(state['torch_rng'].cpu())  # dropout draws from the global generator
+        rng = state['rank_states'][rank]
+        batches.load_state_dict(rng['batches'])
+        noise_gen.set_state(rng['noise_generator'].cpu())
+        torch.set_rng_state(rng['torch_rng'].cpu())  # dropout draws from the global generator
         if device.type == 'cuda':
-            torch.cuda.set_rng_state(state['cuda_rng'].cpu(), device)
+            torch.cuda.set_rng_state(rng['cuda_rng'].cpu(), device)
         cur_nimg, log = state['cur_nimg'], state['log']
         if recorder is not None:
             recorder.h.load_state_dict(state['offset_net'])
@@ -251,33 +254,44 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         log.append(record)
         if bar is not None:
             bar.set_postfix(loss=f'{record["loss"]:.4f}')
+        saved = None
+        if done or (tick + 1) % config.checkpoint_ticks == 0:
+            rng = dict(batches=batches.state_dict(), noise_generator=noise_gen.get_state(), torch_rng=torch.get_rng_state(),
+                       cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None)
+            rank_states = [rng]
+            if world_size > 1:  # every rank's data order and noise, so each resumes its own stream
+                rank_states = [None] * world_size
+                torch.distributed.all_gather_object(rank_states, rng)
+            if rank == 0:
+                state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                             rank_states=rank_states, cur_nimg=cur_nimg, log=log, config=dataclasses.asdict(config),
+                             image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info)
+                if recorder is not None:
+                    state.update(offset_net=recorder.h.state_dict(), offset_optimizer=recorder.optimizer.state_dict())
+                atomic_torch_save(state, ckpt_path)
+                if done:
+                    _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log)
+                saved = ckpt_path
         if on_tick is not None:
-            on_tick(record)
-        if rank == 0 and (done or (tick + 1) % config.checkpoint_ticks == 0):
-            state = dict(net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         batches=batches.state_dict(), noise_generator=noise_gen.get_state(), cur_nimg=cur_nimg,
-                         torch_rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-                         log=log, config=dataclasses.asdict(config), image_shape=(dataset.channels, dataset.resolution),
-                         label_dim=label_dim, data_info=data_info)
-            if recorder is not None:
-                state.update(offset_net=recorder.h.state_dict(), offset_optimizer=recorder.optimizer.state_dict())
-            atomic_torch_save(state, ckpt_path)
-            if on_checkpoint is not None:
-                on_checkpoint(ckpt_path, record)
+            on_tick(record, saved)
         tick += 1
         tick_start_nimg, tick_start_time, tick_losses = cur_nimg, time.time(), []
 
     if bar is not None:
         bar.close()
-    if rank == 0:
-        atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
-                               image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info,
-                               offset_net=None if recorder is None else recorder.h.state_dict()),
-                          os.path.join(run_dir, NETWORK))
-        with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in log)
+    if rank == 0 and not os.path.exists(os.path.join(run_dir, NETWORK)):  # resumed after the last tick
+        _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log)
     return log
+
+
+def _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log):
+    """The trained EMA network with its resolved config and training log (NETWORK file)."""
+    atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
+                           image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info,
+                           offset_net=None if recorder is None else recorder.h.state_dict(), log=log),
+                      os.path.join(run_dir, NETWORK))
+    with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in log)
 
 
 def main(argv=None):

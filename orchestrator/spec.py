@@ -1,0 +1,327 @@
+"""The experiment spec: a YAML file, validated in full before anything runs.
+
+Every section maps onto keyword arguments of tasks/ functions. Errors name the file, the field
+path and what was expected; unknown keys are errors with a "did you mean".
+
+    experiment: quickstart          # name: results go to <results>/<experiment>/
+    seed: 0
+    data:      {name, root, split, pad_to_32, resolution, limit}
+    model:     {preset, precond, overrides, checkpoint}   # checkpoint: use a trained network.pt
+    train:     {kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, workers, use_gpu, bf16, ...}
+    calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size}
+    sweep:     {samplers: [{sampler: ..., <param>: value or [values]}], calibrated: [false, true], resources}
+    evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights}
+    report:    {figures}
+"""
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+from tasks import data as data_mod
+from tasks import networks, precond, samplers
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the field."""
+
+
+@dataclass
+class DataSpec:
+    name: str = 'fashion-mnist'
+    root: Optional[str] = None
+    split: str = 'train'
+    pad_to_32: bool = False
+    resolution: Optional[int] = None
+    limit: Optional[int] = None
+
+
+@dataclass
+class ModelSpec:
+    preset: str = 'ddpmpp-tiny'
+    precond: str = 'edm'
+    overrides: dict = field(default_factory=dict)
+    checkpoint: Optional[str] = None       # a network.pt from tasks.train: no training stage
+
+
+@dataclass
+class TrainSpec:
+    kimg: float = 20.0
+    batch_size: int = 128
+    lr: float = 2e-3
+    lr_rampup_kimg: float = 2.0
+    ema_halflife_kimg: float = 4.0
+    loss: str = 'edm'
+    hflip: bool = False
+    workers: int = 1
+    use_gpu: object = 'auto'               # auto | true | false
+    bf16: bool = False
+    kimg_per_tick: float = 2.0
+    checkpoint_ticks: int = 2
+    max_failures: int = 2
+
+
+@dataclass
+class CalibrateSpec:
+    images: int = 2000                     # first N images of the dataset (or N generated)
+    chunk_size: int = 500
+    actors: int = 2
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    noise_draws: int = 1
+    flips: bool = False
+    source: str = 'data'                   # data | generated
+    generation: dict = field(default_factory=lambda: dict(sampler='edm', num_steps=18))
+    batch_size: int = 500
+    seed: int = 0
+
+
+@dataclass
+class SweepSpec:
+    samplers: list = field(default_factory=list)
+    calibrated: list = field(default_factory=lambda: [False, True])
+    resources: dict = field(default_factory=lambda: dict(cpu=1, gpu=0))
+
+
+@dataclass
+class EvaluateSpec:
+    num_images: int = 200
+    reference_images: int = 1000
+    reference_split: str = 'train'
+    seed_blocks: int = 1
+    batch_size: int = 100
+    kid: bool = False
+    precision_recall: bool = False
+    inception_weights: Optional[str] = None
+
+
+@dataclass
+class ReportSpec:
+    figures: bool = True
+
+
+@dataclass
+class Spec:
+    experiment: str
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    calibrate: Optional[CalibrateSpec] = None
+    sweep: Optional[SweepSpec] = None
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    path: Optional[str] = None             # where it was read from (not part of the hash)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d.pop('path')
+        return d
+
+    def hash(self):
+        return stable_hash(self.to_dict())
+
+    def trials(self):
+        """The sweep's grid as a list of trial configs: each sampler entry's list-valued
+        parameters are crossed, then crossed with `calibrated`."""
+        if self.sweep is None:
+            return []
+        out = []
+        for entry in self.sweep.samplers:
+            keys = list(entry)
+            axes = [v if isinstance(v, list) else [v] for v in entry.values()]
+            for values in itertools.product(*axes):
+                for calibrated in self.sweep.calibrated:
+                    out.append(dict(zip(keys, values), calibrated=bool(calibrated)))
+        return out
+
+
+SECTIONS = {'data': DataSpec, 'model': ModelSpec, 'train': TrainSpec, 'calibrate': CalibrateSpec,
+            'sweep': SweepSpec, 'evaluate': EvaluateSpec, 'report': ReportSpec}
+SAMPLER_PARAMS = {
+    'edm': {'num_steps', 'sigma_min', 'sigma_max', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise'},
+    'ablation': {'num_steps', 'sigma_min', 'sigma_max', 'rho', 'solver', 'discretization', 'schedule', 'scaling',
+                 'epsilon_s', 'C_1', 'C_2', 'M', 'alpha', 'S_churn', 'S_min', 'S_max', 'S_noise'},
+    'dpm_solver': {'steps', 'order', 'method', 'algorithm_type', 'skip_type', 't_start', 't_end', 'denoise_to_zero'},
+}
+
+
+def stable_hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fail(path, where, message):
+    raise SpecError(f'{path}: {where}: {message}')
+
+
+def _did_you_mean(key, valid):
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f' (did you mean {close[0]!r}?)' if close else ''
+
+
+def _check_type(path, where, value, annotation):
+    """Coerce/validate a scalar against the dataclass field type."""
+    base = annotation
+    optional = False
+    if getattr(annotation, '__origin__', None) is not None and type(None) in getattr(annotation, '__args__', ()):
+        optional, base = True, [a for a in annotation.__args__ if a is not type(None)][0]
+    if value is None:
+        if optional:
+            return None
+        _fail(path, where, f'expected {base.__name__}, got null')
+    if base is bool:
+        if not isinstance(value, bool):
+            _fail(path, where, f'expected true or false, got {value!r}')
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(path, where, f'expected an integer, got {value!r}')
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, where, f'expected a number, got {value!r}')
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            _fail(path, where, f'expected a string, got {value!r}')
+        return value
+    if base in (dict, list):
+        if not isinstance(value, base):
+            _fail(path, where, f'expected a {"mapping" if base is dict else "list"}, got {value!r}')
+        return value
+    return value
+
+
+def _section(path, name, raw, cls):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        _fail(path, name, f'expected a mapping of settings, got {raw!r}')
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            _fail(path, f'{name}.{key}', f'unknown key{_did_you_mean(key, fields)}; valid: {", ".join(fields)}')
+        kwargs[key] = _check_type(path, f'{name}.{key}', value, cls.__annotations__[key])
+    return cls(**kwargs)
+
+
+def _positive(path, where, value, allow_zero=False):
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        _fail(path, where, f'must be {"non-negative" if allow_zero else "positive"}, got {value}')
+
+
+def _choice(path, where, value, valid):
+    if value not in valid:
+        _fail(path, where, f'{value!r} is not one of: {", ".join(map(str, valid))}{_did_you_mean(str(value), list(map(str, valid)))}')
+
+
+def parse(raw, path='<spec>'):
+    """A Spec from a parsed YAML mapping; SpecError on the first problem."""
+    if not isinstance(raw, dict):
+        _fail(path, 'top level', f'expected a mapping with at least `experiment:`, got {type(raw).__name__}')
+    valid_top = ['experiment', 'seed', *SECTIONS]
+    for key in raw:
+        if key not in valid_top:
+            _fail(path, str(key), f'unknown section{_did_you_mean(str(key), valid_top)}; valid: {", ".join(valid_top)}')
+    if 'experiment' not in raw:
+        _fail(path, 'experiment', 'missing: give the experiment a name (results go to <results>/<experiment>/)')
+    name = raw['experiment']
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in '-_.' for c in name):
+        _fail(path, 'experiment', f'expected a name of letters, digits, "-", "_" or ".", got {name!r}')
+    seed = _check_type(path, 'seed', raw.get('seed', 0), int)
+    sections = {k: _section(path, k, raw.get(k), cls) for k, cls in SECTIONS.items() if k in raw or k not in ('calibrate', 'sweep')}
+    spec = Spec(experiment=name, seed=seed, path=path, **sections)
+    _validate(spec, path)
+    return spec
+
+
+def _validate(spec, path):
+    d, m, t, e = spec.data, spec.model, spec.train, spec.evaluate
+    _choice(path, 'data.name', d.name, data_mod.DATASETS)
+    _choice(path, 'data.split', d.split, ('train', 'test'))
+    _positive(path, 'data.resolution', d.resolution)
+    _positive(path, 'data.limit', d.limit)
+    _choice(path, 'model.preset', m.preset, sorted(networks.PRESETS))
+    _choice(path, 'model.precond', m.precond, list(precond.PRECONDS))
+    if m.checkpoint is not None and not os.path.isfile(m.checkpoint):
+        _fail(path, 'model.checkpoint', f'{m.checkpoint} does not exist (a network.pt written by training)')
+    for key in ('kimg', 'batch_size', 'lr', 'workers', 'kimg_per_tick', 'checkpoint_ticks'):
+        _positive(path, f'train.{key}', getattr(t, key))
+    _positive(path, 'train.max_failures', t.max_failures, allow_zero=True)
+    _choice(path, 'train.use_gpu', str(t.use_gpu).lower(), ('auto', 'true', 'false'))
+    _choice(path, 'train.loss', t.loss, ('vp', 've', 'edm'))
+    if t.batch_size % t.workers:
+        _fail(path, 'train.batch_size', f'{t.batch_size} is not divisible by train.workers = {t.workers}')
+    c = spec.calibrate
+    if c is not None:
+        for key in ('images', 'chunk_size', 'actors', 'noise_draws', 'batch_size'):
+            _positive(path, f'calibrate.{key}', getattr(c, key))
+        _positive(path, 'calibrate.gpus_per_actor', c.gpus_per_actor, allow_zero=True)
+        _positive(path, 'calibrate.cpus_per_actor', c.cpus_per_actor, allow_zero=True)
+        _choice(path, 'calibrate.source', c.source, ('data', 'generated'))
+    s = spec.sweep
+    if s is not None:
+        if not s.samplers:
+            _fail(path, 'sweep.samplers', 'empty: list at least one sampler, e.g. {sampler: edm, num_steps: [8, 18]}')
+        for i, entry in enumerate(s.samplers):
+            where = f'sweep.samplers[{i}]'
+            if not isinstance(entry, dict) or 'sampler' not in entry:
+                _fail(path, where, 'expected a mapping with `sampler:` (edm, ablation or dpm_solver)')
+            _choice(path, f'{where}.sampler', entry['sampler'], list(SAMPLER_PARAMS))
+            for key in entry:
+                if key != 'sampler' and key not in SAMPLER_PARAMS[entry['sampler']]:
+                    valid = sorted(SAMPLER_PARAMS[entry['sampler']])
+                    _fail(path, f'{where}.{key}', f'not a parameter of {entry["sampler"]}{_did_you_mean(key, valid)}; valid: {", ".join(valid)}')
+        for i, value in enumerate(s.calibrated):
+            if not isinstance(value, bool):
+                _fail(path, f'sweep.calibrated[{i}]', f'expected true or false, got {value!r}')
+        if True in s.calibrated and spec.calibrate is None:
+            _fail(path, 'sweep.calibrated', 'calibrated trials need a `calibrate:` section')
+        for key, value in s.resources.items():
+            _choice(path, f'sweep.resources.{key}', key, ('cpu', 'gpu'))
+            if not isinstance(value, (int, float)) or value < 0:
+                _fail(path, f'sweep.resources.{key}', f'expected a non-negative number, got {value!r}')
+        _check_trials(spec, path)
+    for key in ('num_images', 'reference_images', 'seed_blocks', 'batch_size'):
+        _positive(path, f'evaluate.{key}', getattr(e, key))
+    if e.num_images < 2 or e.reference_images < 2:
+        _fail(path, 'evaluate.num_images', 'FID needs at least 2 images on each side')
+    if e.inception_weights is not None and not os.path.isfile(e.inception_weights):
+        _fail(path, 'evaluate.inception_weights', f'{e.inception_weights} does not exist')
+
+
+def _check_trials(spec, path):
+    """Run each trial's sampler settings through the sampler's own validation on a stand-in."""
+    from tasks import calibration, oracles
+    stand_in = oracles.GaussianMixtureDenoiser([1.0], [[0.0]], [1.0])
+    if spec.model.precond == 'edm':
+        stand_in.sigma_min, stand_in.sigma_max = 0.0, float('inf')
+    for i, trial in enumerate(spec.trials()):
+        kwargs = {k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}
+        try:
+            calibration.queried_sigmas(trial['sampler'], stand_in, **kwargs)
+        except (ValueError, TypeError) as e:
+            _fail(path, 'sweep.samplers', f'trial {i} {trial} is invalid: {e}')
+
+
+def load(path):
+    """Read and validate a spec file (safe YAML loader)."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f'{path}: no such spec file') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f'{path}: cannot read ({e})') from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f'line {mark.line + 1}, column {mark.column + 1}' if mark else 'YAML'
+        raise SpecError(f'{path}: {where}: invalid YAML ({getattr(e, "problem", None) or e})') from None
+    return parse(raw, path)

@@ -193,10 +193,15 @@ class CalibrationTable:
         if not isinstance(s, dict) or s.get('format') != TABLE_FORMAT:
             raise CalibrationError(f'{path}: not a calibration table (format {s.get("format") if isinstance(s, dict) else type(s).__name__!r}, '
                                    f'expected {TABLE_FORMAT!r})')
+        return cls.from_state(s, origin=path)
+
+    @classmethod
+    def from_state(cls, s, origin='table state'):
+        """Inverse of state() (used by load and by Ray actors returning partial tables)."""
         t = cls(s['sigmas'], s['shape'], s['num_classes'], json.loads(s['meta']))
         for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
             if tuple(s[name].shape) != tuple(getattr(t, name).shape):
-                raise CalibrationError(f'{path}: {name} has shape {tuple(s[name].shape)}, expected {tuple(getattr(t, name).shape)}')
+                raise CalibrationError(f'{origin}: {name} has shape {tuple(s[name].shape)}, expected {tuple(getattr(t, name).shape)}')
             setattr(t, name, s[name])
         t.chunks = set(s['chunks'])
         return t

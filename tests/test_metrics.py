@@ -208,5 +208,5 @@ def test_fid_on_fashion_mnist_grows_with_corruption(real_weights):
 
     ref = stats(train.images)
     fid = lambda images: metrics.frechet_distance(*stats(images), *ref)
-    f_test, f_blur, f_noise = fid(test.images), fid(bench.blur(train.images, 2.0)), fid(bench.noise(train.images, 64))
+    f_test, f_blur, f_noise = fid(test.images), fid(bench.blur(test.images, 2.0)), fid(bench.noise(test.images, 64))
     assert f_test < f_blur and f_test < f_noise, (f_test, f_blur, f_noise)

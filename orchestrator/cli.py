@@ -1,0 +1,129 @@
+"""orchestrator CLI: validate, run, submit, logs, status, results, figures.
+
+    orchestrator validate specs/quickstart.yaml
+    orchestrator run specs/quickstart.yaml [--dry-run] [--address ray://HEAD:10001] [--results DIR]
+    orchestrator submit specs/quickstart.yaml --address http://HEAD:8265
+    orchestrator results quickstart --where calibrated=True
+    orchestrator figures quickstart
+"""
+import argparse
+import os
+import sys
+
+from orchestrator import spec as spec_mod
+
+USER_ERRORS = (spec_mod.SpecError, FileNotFoundError)
+
+
+def _user_errors():
+    from tasks.calibration import CalibrationError
+    from tasks.data import DataError
+    from tasks.metrics import MetricsError
+    return USER_ERRORS + (DataError, MetricsError, CalibrationError)
+
+
+def cmd_validate(args):
+    s = spec_mod.load(args.spec)
+    print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(s.trials())} sweep trial(s)')
+
+
+def cmd_run(args):
+    from orchestrator import runner
+    s = spec_mod.load(args.spec)
+    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run)
+
+
+def cmd_submit(args):
+    from ray.job_submission import JobSubmissionClient
+    from orchestrator.runner import RUNTIME_ENV_EXCLUDES
+    spec_mod.load(args.spec)  # refuse a bad spec before shipping anything
+    client = JobSubmissionClient(args.address)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    job = client.submit_job(
+        entrypoint=f'python -m orchestrator run {os.path.relpath(os.path.abspath(args.spec), root)} --results {args.results}',
+        runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES))
+    print(f'submitted job {job}; follow it with: orchestrator logs {job} --address {args.address}')
+
+
+def cmd_logs(args):
+    from ray.job_submission import JobSubmissionClient
+    print(JobSubmissionClient(args.address).get_job_logs(args.job))
+
+
+def cmd_status(args):
+    from ray.job_submission import JobSubmissionClient
+    print(JobSubmissionClient(args.address).get_job_status(args.job))
+
+
+def cmd_results(args):
+    import pandas as pd
+    from orchestrator import results
+    if not args.experiment:
+        names = results.experiments(args.results)
+        print('\n'.join(names) if names else f'no experiments under {args.results}')
+        return
+    df = results.read_table(args.results, args.experiment, args.table)
+    for cond in args.where or []:
+        key, _, value = cond.partition('=')
+        if key not in df.columns:
+            raise spec_mod.SpecError(f'--where {cond}: no column {key!r}; columns: {", ".join(df.columns)}')
+        df = df[df[key].astype(str) == value]
+    columns = args.columns.split(',') if args.columns else [c for c in df.columns if c not in ('config', 'evaluate', 'params')]
+    with pd.option_context('display.max_rows', 200, 'display.width', 200):
+        print(df[columns].to_string(index=False))
+
+
+def cmd_figures(args):
+    from orchestrator import figures
+    for path in figures.render(args.results, args.experiment):
+        print(f'wrote {path}')
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog='orchestrator', description='Calibrated EDM experiments on Ray.')
+    sub = p.add_subparsers(dest='command', required=True)
+    v = sub.add_parser('validate', help='check a spec file without running anything')
+    v.add_argument('spec')
+    v.set_defaults(fn=cmd_validate)
+    r = sub.add_parser('run', help='run a spec on the embedded Ray (default) or a cluster')
+    r.add_argument('spec')
+    r.add_argument('--address', default=None, help='an existing Ray cluster (ray://HEAD:10001 or auto)')
+    r.add_argument('--results', default='results', help='results root (default: results)')
+    r.add_argument('--dry-run', action='store_true', help='print the stages, their resources and reuse; run nothing')
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser('submit', help='submit a spec as a Ray job (ships this directory as the working dir)')
+    s.add_argument('spec')
+    s.add_argument('--address', required=True, help='the cluster dashboard, e.g. http://HEAD:8265')
+    s.add_argument('--results', default='results')
+    s.set_defaults(fn=cmd_submit)
+    for name, fn, text in (('logs', cmd_logs, "a submitted job's logs"), ('status', cmd_status, "a submitted job's status")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument('job')
+        q.add_argument('--address', required=True)
+        q.set_defaults(fn=fn)
+    t = sub.add_parser('results', help='list experiments, or print a results table')
+    t.add_argument('experiment', nargs='?')
+    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'sweep', 'timings'))
+    t.add_argument('--where', action='append', metavar='COLUMN=VALUE', help='keep rows whose column equals the value')
+    t.add_argument('--columns', default=None, help='comma-separated columns to show')
+    t.add_argument('--results', default='results')
+    t.set_defaults(fn=cmd_results)
+    f = sub.add_parser('figures', help='render figures and Markdown tables from the Parquet results')
+    f.add_argument('experiment')
+    f.add_argument('--results', default='results')
+    f.set_defaults(fn=cmd_figures)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except _user_errors() as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

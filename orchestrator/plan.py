@@ -1,0 +1,89 @@
+"""Spec -> stages with content hashes. A stage whose inputs hash like a finished one is reused.
+
+Stages: train (or checkpoint, when the spec names a trained network), calibrate, reference
+(FID statistics of the data), sweep (one Tune trial per sampler setting), report. A stage's hash
+covers its own settings and the hashes of the stages it reads, so changing the training config
+re-runs everything downstream while changing the sweep reuses training and calibration.
+Finished stages hold a DONE.json in results/<experiment>/stages/<stage>-<hash>/.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from orchestrator.spec import stable_hash
+from tasks.metrics import sha256_file
+
+
+@dataclass
+class Stage:
+    name: str
+    hash: str
+    dir: str
+    inputs: dict
+    resources: str
+    depends: list = field(default_factory=list)
+
+    @property
+    def done(self):
+        return os.path.isfile(os.path.join(self.dir, 'DONE.json'))
+
+    def mark_done(self, outputs):
+        tmp = os.path.join(self.dir, f'DONE.json.tmp-{os.getpid()}')
+        with open(tmp, 'w') as f:
+            json.dump(outputs, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(self.dir, 'DONE.json'))
+
+    def outputs(self):
+        with open(os.path.join(self.dir, 'DONE.json')) as f:
+            return json.load(f)
+
+
+def make_plan(spec, results_root):
+    """The ordered stages of a spec under results_root/<experiment>/stages/."""
+    base = os.path.join(results_root, spec.experiment, 'stages')
+    stages = []
+
+    def add(name, inputs, resources, depends=()):
+        h = stable_hash(dict(inputs, depends=[s.hash for s in depends]))
+        stage = Stage(name, h, os.path.join(base, f'{name}-{h}'), inputs, resources, [s.name for s in depends])
+        stages.append(stage)
+        return stage
+
+    data = asdict(spec.data)
+    if spec.model.checkpoint:
+        model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint)), 'none (reads model.checkpoint)')
+    else:
+        t = spec.train
+        gpu = {'true': 'GPU', 'false': 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[str(t.use_gpu).lower()]
+        model = add('train', dict(data=data, model=asdict(spec.model), train=asdict(t), seed=spec.seed),
+                    f'{t.workers} Ray Train worker(s), {gpu}; {t.kimg} kimg at batch {t.batch_size}')
+    calibrate = None
+    if spec.calibrate is not None:
+        c = spec.calibrate
+        calibrate = add('calibrate', dict(data=data, calibrate=asdict(c), sweep_sigmas=_sweep_sigma_inputs(spec)),
+                        f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; {c.images} images, '
+                        f'chunks of {c.chunk_size}', [model])
+    reference = sweep = None
+    if spec.sweep is not None:
+        e = spec.evaluate
+        reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
+                                          weights=e.inception_weights), f'1 process; {e.reference_images} images')
+        r = spec.sweep.resources
+        sweep = add('sweep', dict(trials=spec.trials(), evaluate=asdict(e)),
+                    f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
+                    f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
+                    [s for s in (model, calibrate, reference) if s is not None])
+    return stages
+
+
+def _sweep_sigma_inputs(spec):
+    """What decides the calibration grid: the calibrated trials' sampler settings."""
+    return [t for t in spec.trials() if t['calibrated']]
+
+
+def describe(stages):
+    """The plan as a terminal table: stage, hash, reused or to run, resources."""
+    lines = [f'{"stage":<11} {"hash":<17} {"status":<8} resources']
+    for s in stages:
+        lines.append(f'{s.name:<11} {s.hash:<17} {"reuse" if s.done else "run":<8} {s.resources}')
+    return '\n'.join(lines)

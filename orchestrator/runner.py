@@ -1,0 +1,181 @@
+"""Runs a spec's stages on Ray: the embedded local cluster by default, or an existing one.
+
+The embedded cluster binds to 127.0.0.1 only, without a dashboard, with explicit CPU count and
+object-store memory, and with Ray's token auth disabled (nothing outside this machine can reach
+it). An existing cluster (--address) is used as its owner configured it.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from orchestrator import figures, plan, results
+from orchestrator.spec import stable_hash
+from tasks import calibration, data, metrics
+from tasks import train as tasks_train
+
+OBJECT_STORE_BYTES = 512 * 1024 ** 2
+RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
+
+
+def init_ray(address=None, num_cpus=None):
+    """Connect to `address`, or start the embedded single-node cluster on loopback."""
+    if not address:
+        # Read when Ray starts its processes: keep every listener, the node address and the
+        # training process group on 127.0.0.1, and skip token auth (nothing else can connect).
+        os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
+        os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+    import ray
+    if ray.is_initialized():
+        return
+    if address:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES))
+        return
+    # The dashboard (on 127.0.0.1) serves the State API that Ray Train V2's controller polls.
+    ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
+             dashboard_host='127.0.0.1', _node_ip_address='127.0.0.1', log_to_driver=True)
+
+
+def run(spec, results_root='results', address=None, dry_run=False, log=print, hooks=None):
+    """Run (or, with dry_run, only print) the plan. hooks: test-only failure injection
+    (train_fail_once_at_kimg, kill_calibration_actor). Returns the stages."""
+    hooks = hooks or {}
+    stages = plan.make_plan(spec, results_root)
+    exp_dir = os.path.join(results_root, spec.experiment)
+    log(f'experiment {spec.experiment} (spec {spec.hash()}) -> {exp_dir}')
+    log(plan.describe(stages))
+    if dry_run:
+        return stages
+    init_ray(address)
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, 'spec.json'), 'w') as f:
+        json.dump(spec.to_dict(), f, indent=1)
+    prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
+    dataset = data.load_dataset(name=spec.data.name, root=spec.data.root, split=spec.data.split,
+                                pad_to_32=spec.data.pad_to_32, resolution=spec.data.resolution, limit=spec.data.limit)
+    state, timings = {}, []
+    for stage in stages:
+        start, reused = time.time(), stage.done
+        log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
+        os.makedirs(stage.dir, exist_ok=True)
+        if not reused:
+            outputs = STAGES[stage.name](spec, stage, state, dataset, hooks, log)
+            stage.mark_done(outputs)
+        state[stage.name] = stage.outputs()
+        WRITERS.get(stage.name, lambda *a: None)(spec, stage, state, results_root, dict(prov, stage=stage.name, stage_hash=stage.hash))
+        timings.append(dict(stage=stage.name, status='reused' if reused else 'ran', seconds=time.time() - start))
+    results.write_table(results_root, spec.experiment, 'timings', timings,
+                        dict(prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
+    if spec.report.figures:
+        for path in figures.render(results_root, spec.experiment):
+            log(f'wrote {path}')
+    if 'sweep' in state:
+        sweep = results.read_table(results_root, spec.experiment, 'sweep')
+        metric = figures.metric_column(sweep)
+        cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + ['wall_time']
+        log(sweep[cols].sort_values(['label']).to_string(index=False))
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage bodies: each returns the outputs recorded in DONE.json.
+
+def _train(spec, stage, state, dataset, hooks, log):
+    from orchestrator.train import run_train_stage
+    network, device = run_train_stage(spec, stage.dir, fail_once_at_kimg=hooks.get('train_fail_once_at_kimg'))
+    return dict(network=os.path.abspath(network), device=device)
+
+
+def _checkpoint(spec, stage, state, dataset, hooks, log):
+    return dict(network=os.path.abspath(spec.model.checkpoint), device=None)
+
+
+def _model_outputs(state):
+    return state.get('train') or state['checkpoint']
+
+
+def _calibrate(spec, stage, state, dataset, hooks, log):
+    from orchestrator.calibrate import run_calibration
+    network = _model_outputs(state)['network']
+    net = tasks_train.load_denoiser(network)
+    grids = [calibration.queried_sigmas(t['sampler'], net, **{k: v for k, v in t.items() if k not in ('sampler', 'calibrated')})
+             for t in spec.trials() if t['calibrated']]
+    if not grids:  # no sweep: a default grid for inspection (EDM's 18-step sampler)
+        grids = [calibration.queried_sigmas('edm', net, num_steps=18)]
+    sigmas = calibration.union_sigmas(*grids)
+    log(f'calibrate: {len(sigmas)} sigmas from {len(grids)} calibrated sampler setting(s)')
+    meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
+    table = run_calibration(network, dataset, spec.calibrate, sigmas, meta, hooks.get('kill_calibration_actor'), log)
+    path = os.path.join(stage.dir, 'table.pt')
+    table.save(path)
+    calibration.save_mean_eps_figure(table, os.path.join(stage.dir, 'mean_eps.png'))
+    return dict(table=os.path.abspath(path), sigmas=len(sigmas), images=table.meta['image_count'])
+
+
+def _reference(spec, stage, state, dataset, hooks, log):
+    e = spec.evaluate
+    ref = data.load_dataset(name=spec.data.name, root=spec.data.root, split=e.reference_split, pad_to_32=spec.data.pad_to_32,
+                            resolution=spec.data.resolution, limit=e.reference_images)
+    extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(e.inception_weights),
+                                          batch_size=e.batch_size, device='cuda' if torch.cuda.is_available() else 'cpu')
+    log(f'reference: features of {len(ref)} {spec.data.name} {e.reference_split} images ({extractor.weights.source})')
+    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir)
+    path = os.path.join(stage.dir, 'reference.npz')
+    np.savez(path, mu=stats['mu'], sigma=stats['sigma'], count=stats['count'])
+    return dict(stats=os.path.abspath(path), count=stats['count'], weights_sha256=stats['weights_sha256'])
+
+
+def _sweep(spec, stage, state, dataset, hooks, log):
+    import ray
+    from orchestrator.sweep import run_sweep
+    e = spec.evaluate
+    with np.load(state['reference']['stats']) as f:
+        reference = dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']))
+    context = dict(network=_model_outputs(state)['network'], table=state.get('calibrate', {}).get('table'),
+                   reference=ray.put(reference), num_images=e.num_images, seed_blocks=e.seed_blocks, batch_size=e.batch_size,
+                   kid=e.kid, precision_recall=e.precision_recall, inception_weights=e.inception_weights)
+    rows = run_sweep(spec.trials(), context, spec.sweep.resources, stage.dir)
+    path = os.path.join(stage.dir, 'rows.json')
+    with open(path, 'w') as f:
+        json.dump(rows, f, indent=1, default=str)
+    return dict(rows=os.path.abspath(path), trials=len(rows))
+
+
+STAGES = dict(train=_train, checkpoint=_checkpoint, calibrate=_calibrate, reference=_reference, sweep=_sweep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet writers: every stage's outputs as a table (rewritten on reuse, so tables always
+# describe the stages of the last run).
+
+def _write_train_log(spec, stage, state, root, prov):
+    blob = torch.load(state[stage.name]['network'], map_location='cpu', weights_only=False)
+    rows = [dict(r, config=blob['config']) for r in blob.get('log', [])]
+    results.write_table(root, spec.experiment, 'train_log', rows, dict(prov, device=state[stage.name]['device']))
+
+
+def _write_calibration(spec, stage, state, root, prov):
+    table = calibration.CalibrationTable.load(state['calibrate']['table'])
+    c, se = table.offset()[0], table.standard_error()[0]
+    sig2 = table.sigmas ** 2
+    c2 = c.flatten(1).square().sum(1)
+    # Standard error of ||c||^2 by the delta method: 2 sqrt(sum_i c_i^2 se_i^2).
+    c2_se = 2 * (c.flatten(1).square() * se.flatten(1).square()).sum(1).sqrt()
+    rows = [dict(sigma=float(s), images=int(n), c_norm2=float(a), mean_eps_norm2=float(a / v), mean_eps_norm2_se=float(b / v),
+                 config=dataclasses.asdict(spec.calibrate))
+            for s, n, a, b, v in zip(table.sigmas, table.count.sum(0), c2, c2_se, sig2)]
+    results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
+
+
+def _write_sweep(spec, stage, state, root, prov):
+    with open(state['sweep']['rows']) as f:
+        rows = json.load(f)
+    results.write_table(root, spec.experiment, 'sweep', [dict(r, evaluate=dataclasses.asdict(spec.evaluate)) for r in rows],
+                        prov)
+
+
+WRITERS = dict(train=_write_train_log, calibrate=_write_calibration, sweep=_write_sweep)

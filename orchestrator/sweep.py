@@ -1,0 +1,66 @@
+"""Sweep stage: a Ray Tune grid with one trial per sampler setting (calibrated or not). Each
+trial samples num_images images with per-image seeds, measures them against the reference
+statistics with tasks.metrics.evaluate and reports the row through ray.tune.report.
+"""
+import os
+import time
+
+import ray
+from ray import tune
+
+from tasks import calibration, metrics
+from tasks import train as tasks_train
+
+
+def describe_trial(trial):
+    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated'."""
+    params = ' '.join(f'{k}={v}' for k, v in trial.items() if k not in ('sampler', 'calibrated'))
+    return f'{trial["sampler"]} {params}{" calibrated" if trial["calibrated"] else ""}'
+
+
+def _trial(config):
+    trial, ctx = config['trial'], config['context']
+    start = time.time()
+    device = 'cuda' if ray.get_gpu_ids() else 'cpu'
+    net = tasks_train.load_denoiser(ctx['network']).to(device)
+    if trial['calibrated']:
+        table = calibration.CalibrationTable.load(ctx['table'])
+        net = calibration.CalibratedDenoiser(net, table, context=describe_trial(trial))
+    weights = metrics.resolve_inception_weights(ctx['inception_weights'])
+    extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
+    reference = ray.get(ctx['reference'])
+    sampler_kwargs = {k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}
+    result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
+                              batch_size=ctx['batch_size'], device=device, with_kid=ctx['kid'], with_pr=ctx['precision_recall'],
+                              **sampler_kwargs)
+    blocks = {k: v for k, v in result.items() if k.endswith('_blocks')}
+    row = {k: v for k, v in result.items() if not k.endswith('_blocks')}
+    row.update({k: str(v) for k, v in blocks.items()}, device=device, wall_time=time.time() - start)
+    tune.report(row)
+
+
+def run_sweep(trials, context, resources, stage_dir, verbose=1):
+    """One Tune trial per entry of `trials`; returns a list of rows (trial settings + metrics).
+    context: network, table (or None), reference (ObjectRef of the statistics), num_images,
+    seed_blocks, batch_size, kid, precision_recall, inception_weights."""
+    tuner = tune.Tuner(
+        tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
+        param_space=dict(trial=tune.grid_search(trials), context=context),
+        run_config=tune.RunConfig(name='sweep', storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')), verbose=verbose))
+    grid = tuner.fit()
+    rows, errors = [], []
+    for result in grid:
+        trial = result.config['trial']
+        if result.error is not None:
+            errors.append(f'{describe_trial(trial)}: {result.error}')
+            continue
+        metrics_row = {k: v for k, v in result.metrics.items() if k in _METRIC_KEYS or k.startswith(('fid', 'frechet', 'kid', 'precision', 'recall', 'f_score'))}
+        rows.append(dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
+                         params={k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}, **metrics_row))
+    if errors:
+        raise RuntimeError('sweep trials failed:\n  ' + '\n  '.join(errors))
+    return rows
+
+
+_METRIC_KEYS = ('num_samples', 'seed_blocks', 'nfe', 'reference_count', 'feature_extractor', 'weights_source',
+                'weights_sha256', 'note', 'device', 'wall_time')

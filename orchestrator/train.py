@@ -1,0 +1,99 @@
+"""Train stage: Ray Train V2 TorchTrainer around tasks.train.train.
+
+Each worker loads the data, trains its share of every batch (DDP when there are several),
+and reports every tick through ray.train.report; rank 0 attaches the checkpoint it just wrote.
+FailureConfig restarts failed workers, which resume from ray.train.get_checkpoint(); a restarted
+run (the same stage re-run after a crash) resumes from the newest checkpoint in its storage.
+"""
+import glob
+import os
+import shutil
+import tempfile
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from tasks import data as data_mod
+from tasks import train as tasks_train
+
+FAILURE_MARKER = 'injected-failure-done'
+
+
+def _train_worker(config):
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    dataset = data_mod.load_dataset(**config['data'])
+    run_dir = os.path.join(config['run_dir'], f'rank{rank}')
+    os.makedirs(run_dir, exist_ok=True)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            shutil.copy(os.path.join(d, tasks_train.CHECKPOINT), os.path.join(run_dir, tasks_train.CHECKPOINT))
+    elif config.get('resume_from'):
+        shutil.copy(config['resume_from'], os.path.join(run_dir, tasks_train.CHECKPOINT))
+
+    def wrap_ddp(net):
+        ids = [device] if device.type == 'cuda' else None
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+    fail_at = config.get('fail_once_at_kimg')  # failure injection for tests of the restart path
+    marker = os.path.join(config['run_dir'], FAILURE_MARKER)
+
+    def on_tick(record, checkpoint_path):
+        if fail_at is not None and record['kimg'] >= fail_at and not os.path.exists(marker) and checkpoint_path is None:
+            if rank == 0:
+                open(marker, 'w').close()
+                raise RuntimeError(f'injected failure at {record["kimg"]} kimg (fail_once_at_kimg)')
+        if checkpoint_path is None:
+            ray.train.report(record)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            shutil.copy(checkpoint_path, d)
+            network = os.path.join(os.path.dirname(checkpoint_path), tasks_train.NETWORK)
+            if os.path.exists(network):
+                shutil.copy(network, d)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    tasks_train.train(tasks_train.TrainConfig(**config['train']), dataset, run_dir, device=device, resume=True,
+                      progress=rank == 0, on_tick=on_tick, rank=rank, world_size=world_size,
+                      wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+
+
+def latest_checkpoint(storage):
+    """The newest training-state.pt under a stage's Ray storage, or None."""
+    paths = glob.glob(os.path.join(storage, '**', tasks_train.CHECKPOINT), recursive=True)
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
+    """Train the spec's model; returns (path of network.pt in stage_dir, device used)."""
+    t, m = spec.train, spec.model
+    use_gpu = str(t.use_gpu).lower()
+    use_gpu = (ray.cluster_resources().get('GPU', 0) >= t.workers) if use_gpu == 'auto' else use_gpu == 'true'
+    config = tasks_train.TrainConfig(
+        preset=m.preset, precond=m.precond, loss=t.loss, network_overrides=m.overrides, batch_size=t.batch_size,
+        total_kimg=t.kimg, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg, ema_halflife_kimg=t.ema_halflife_kimg, hflip=t.hflip,
+        bf16=t.bf16, seed=spec.seed, kimg_per_tick=t.kimg_per_tick, checkpoint_ticks=t.checkpoint_ticks)
+    storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
+    loop_config = dict(
+        data=dict(name=spec.data.name, root=spec.data.root, split=spec.data.split, pad_to_32=spec.data.pad_to_32,
+                  resolution=spec.data.resolution, limit=spec.data.limit),
+        train=config.__dict__, run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
+        resume_from=latest_checkpoint(storage), fail_once_at_kimg=fail_once_at_kimg,
+        data_info=dict(name=spec.data.name))
+    trainer = ray.train.torch.TorchTrainer(
+        _train_worker, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name='train', storage_path=storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        shutil.copy(os.path.join(d, tasks_train.NETWORK), os.path.join(stage_dir, tasks_train.NETWORK))
+    return os.path.join(stage_dir, tasks_train.NETWORK), 'cuda' if use_gpu else 'cpu'

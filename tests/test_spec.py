@@ -1,0 +1,115 @@
+import os
+import re
+
+import pytest
+import yaml
+
+from orchestrator import cli, plan, spec
+
+BASE = dict(experiment='t', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16), model=dict(preset='ddpmpp-tiny'),
+            train=dict(kimg=1, batch_size=16), calibrate=dict(images=32, chunk_size=16, actors=2),
+            sweep=dict(samplers=[dict(sampler='dpm_solver', order=[2, 3], steps=10)], calibrated=[False, True]),
+            evaluate=dict(num_images=8, reference_images=8))
+
+
+def _write(tmp_path, obj, name='s.yaml'):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else yaml.safe_dump(obj))
+    return str(path)
+
+
+def _with(**changes):
+    d = yaml.safe_load(yaml.safe_dump(BASE))
+    for dotted, value in changes.items():
+        keys = dotted.split('__')
+        node = d
+        for k in keys[:-1]:
+            node = node[k]
+        if value is DELETE:
+            node.pop(keys[-1])
+        else:
+            node[keys[-1]] = value
+    return d
+
+
+DELETE = object()
+
+
+def test_valid_spec_and_grid(tmp_path):
+    s = spec.load(_write(tmp_path, BASE))
+    assert s.experiment == 't' and s.train.kimg == 1.0 and s.train.workers == 1
+    trials = s.trials()
+    assert len(trials) == 4 and {t['order'] for t in trials} == {2, 3} and {t['calibrated'] for t in trials} == {False, True}
+    assert s.hash() == spec.load(_write(tmp_path, BASE, 'copy.yaml')).hash()  # the path is not part of the hash
+
+
+@pytest.mark.parametrize('changes,message', [
+    (dict(trian=dict(kimg=1)), "trian: unknown section (did you mean 'train'?)"),
+    (dict(train__kimgs=3), "train.kimgs: unknown key (did you mean 'kimg'?)"),
+    (dict(train__kimg='lots'), 'train.kimg: expected a number'),
+    (dict(train__batch_size=1.5), 'train.batch_size: expected an integer'),
+    (dict(train__kimg=-1), 'train.kimg: must be positive'),
+    (dict(train__workers=3), 'train.batch_size: 16 is not divisible by train.workers = 3'),
+    (dict(train__use_gpu='maybe'), "train.use_gpu: 'maybe' is not one of: auto, true, false"),
+    (dict(data__name='fashion_mnist'), "data.name: 'fashion_mnist' is not one of: fashion-mnist"),
+    (dict(model__preset='ddpmpp-huge'), "model.preset: 'ddpmpp-huge' is not one of"),
+    (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt does not exist'),
+    (dict(experiment=DELETE), 'experiment: missing'),
+    (dict(experiment='has space'), 'experiment: expected a name'),
+    (dict(calibrate=DELETE), 'sweep.calibrated: calibrated trials need a `calibrate:` section'),
+    (dict(calibrate__source='web'), "calibrate.source: 'web' is not one of: data, generated"),
+    (dict(sweep__samplers=[]), 'sweep.samplers: empty'),
+    (dict(sweep__samplers=[dict(sampler='ddim')]), "sweep.samplers[0].sampler: 'ddim' is not one of"),
+    (dict(sweep__samplers=[dict(sampler='edm', step=[4])]), "sweep.samplers[0].step: not a parameter of edm (did you mean 'num_steps'?"),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', order=5, steps=10)]), 'trial 0 .* is invalid: DPM-Solver order must be 1, 2 or 3'),
+    (dict(sweep__calibrated=['yes']), 'sweep.calibrated[0]: expected true or false'),
+    (dict(sweep__resources=dict(tpu=1)), "sweep.resources.tpu: 'tpu' is not one of: cpu, gpu"),
+    (dict(evaluate__num_images=1), 'evaluate.num_images: FID needs at least 2 images'),
+])
+def test_bad_specs_name_the_field(tmp_path, changes, message):
+    path = _write(tmp_path, _with(**changes))
+    with pytest.raises(spec.SpecError) as error:
+        spec.load(path)
+    text = str(error.value)
+    assert text.startswith(f'{path}: ')  # the file, then the field
+    assert re.search(message, text) if '.*' in message else message in text, text
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(spec.SpecError, match='no such spec file'):
+        spec.load(str(tmp_path / 'missing.yaml'))
+    with pytest.raises(spec.SpecError, match=r'line 3, column 1: invalid YAML'):
+        spec.load(_write(tmp_path, 'experiment: t\ntrain: {kimg: [1,\n'))
+    with pytest.raises(spec.SpecError, match='top level: expected a mapping'):
+        spec.load(_write(tmp_path, '- just\n- a list\n'))
+    with pytest.raises(spec.SpecError, match='unsafe.yaml: line'):  # the safe loader refuses Python objects
+        spec.load(_write(tmp_path, 'experiment: !!python/object/apply:os.system ["true"]\n', 'unsafe.yaml'))
+    unreadable = tmp_path / 'dir.yaml'
+    os.makedirs(unreadable)
+    with pytest.raises(spec.SpecError, match='cannot read'):
+        spec.load(str(unreadable))
+
+
+def test_cli_prints_one_line_error_without_traceback(tmp_path, capsys):
+    path = _write(tmp_path, _with(train__kimgs=3))
+    assert cli.main(['validate', path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and 'Traceback' not in err and len(err.splitlines()) == 1
+    assert cli.main(['validate', _write(tmp_path, BASE, 'ok.yaml')]) == 0
+    assert '4 sweep trial(s)' in capsys.readouterr().out
+
+
+def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
+    s = spec.load(_write(tmp_path, BASE))
+    stages = plan.make_plan(s, str(tmp_path / 'results'))
+    assert [st.name for st in stages] == ['train', 'calibrate', 'reference', 'sweep']
+    assert all(not st.done for st in stages)
+    # Changing the sweep's evaluation keeps train and calibration; changing training changes all.
+    s2 = spec.load(_write(tmp_path, _with(evaluate__num_images=16), 's2.yaml'))
+    s3 = spec.load(_write(tmp_path, _with(train__kimg=2), 's3.yaml'))
+    h = lambda sp: {st.name: st.hash for st in plan.make_plan(sp, str(tmp_path / 'results'))}
+    assert h(s2)['train'] == h(s)['train'] and h(s2)['calibrate'] == h(s)['calibrate'] and h(s2)['sweep'] != h(s)['sweep']
+    assert all(h(s3)[k] != h(s)[k] for k in ('train', 'calibrate', 'sweep'))
+    assert cli.main(['run', _write(tmp_path, BASE, 'd.yaml'), '--dry-run', '--results', str(tmp_path / 'results')]) == 0
+    out = capsys.readouterr().out
+    assert 'train' in out and '1 Ray Train worker(s)' in out and '4 Tune trial(s)' in out and 'run' in out

@@ -353,7 +353,7 @@ def queried_sigmas(sampler, net, **sampler_kwargs):
         sigmas = []
 
         def __call__(self, x, sigma, class_labels=None):
-            self.sigmas.append(float(torch.as_tensor(sigma).flatten()[0]))
+            self.sigmas.append(float(torch.as_tensor(sigma, dtype=torch.float64).flatten()[0]))
             return torch.zeros_like(x)
 
     rec = Recorder()

@@ -47,7 +47,8 @@ class CountedDenoiser:
     def __call__(self, x, sigma, class_labels=None):
         self.nfe += 1
         if self.sigmas is not None:
-            self.sigmas.append(float(sigma) if torch.as_tensor(sigma).numel() == 1 else torch.as_tensor(sigma).tolist())
+            s = torch.as_tensor(sigma, dtype=torch.float64)
+            self.sigmas.append(float(s) if s.numel() == 1 else s.tolist())
         return self.net(x, sigma, class_labels)
 
 

@@ -157,6 +157,13 @@ def test_one_table_serves_every_sampler(gmm):
         assert torch.isfinite(x).all() and nfe > 0
 
 
+@pytest.mark.parametrize('name,kw', SAMPLER_CONFIGS)
+def test_queried_sigmas_are_exactly_what_sampling_asks(gmm, name, kw):
+    rec = samplers.CountedDenoiser(gmm, record_sigmas=True)
+    samplers.get_sampler(name)(rec, torch.randn(3, *SHAPE, dtype=torch.float64), **kw)
+    assert calibration.queried_sigmas(name, gmm, **kw).tolist() == sorted(set(rec.sigmas))
+
+
 def test_queried_sigmas_match_sampler_rules(gmm):
     edm = calibration.queried_sigmas('edm', gmm, num_steps=18)
     assert torch.allclose(edm, samplers.schedules.edm_sigma_steps(18).flip(0))

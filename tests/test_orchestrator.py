@@ -1,0 +1,136 @@
+"""Ray tests on the embedded local cluster (started once per session): select with -m ray."""
+import os
+import threading
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from orchestrator import results, runner, spec
+from tasks import calibration, data
+from tasks import train as tasks_train
+
+pytestmark = pytest.mark.ray
+fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
+needs_fashion = pytest.mark.skipif(not fashion_present, reason=f'Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}')
+
+TINY = dict(
+    experiment='tiny', seed=0,
+    data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=512),
+    model=dict(preset='ddpmpp-tiny'),
+    train=dict(kimg=0.128, batch_size=16, kimg_per_tick=0.032, checkpoint_ticks=2, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
+    calibrate=dict(images=48, chunk_size=8, actors=2, batch_size=16),
+    sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=[4, 6])], calibrated=[False, True]),
+    evaluate=dict(num_images=6, reference_images=8, batch_size=8),
+)
+
+
+@pytest.fixture(scope='session')
+def ray_cluster():
+    import ray
+    runner.init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def _spec(tmp_path, name='s.yaml', **changes):
+    d = yaml.safe_load(yaml.safe_dump(TINY))
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            d[section].update(values)
+        else:
+            d[section] = values
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(d))
+    return spec.load(str(path))
+
+
+@needs_fashion
+def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path):
+    """A 2-worker DDP run that fails mid-way is restarted by FailureConfig from its last
+    checkpoint and ends with the same weights as an uninterrupted run (per-rank data order and
+    noise are restored)."""
+    from orchestrator.train import FAILURE_MARKER, run_train_stage
+    s = _spec(tmp_path, train=dict(workers=2, max_failures=1))
+    failed_dir, clean_dir = tmp_path / 'failed', tmp_path / 'clean'
+    network, device = run_train_stage(s, str(failed_dir), fail_once_at_kimg=0.096)
+    assert (failed_dir / 'workers' / FAILURE_MARKER).exists()  # it did fail once
+    clean, _ = run_train_stage(s, str(clean_dir))
+    a, b = torch.load(network, weights_only=False), torch.load(clean, weights_only=False)
+    assert a['cur_nimg'] == b['cur_nimg'] == 128 and device == 'cpu'
+    for name in a['ema']:
+        assert torch.equal(a['ema'][name], b['ema'][name]), name
+    assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
+
+
+@needs_fashion
+def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
+    from orchestrator.calibrate import run_calibration
+    ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=64)
+    tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.032, kimg_per_tick=0.016), ds, str(tmp_path), progress=False)
+    network = str(tmp_path / tasks_train.NETWORK)
+    s = _spec(tmp_path)
+    sigmas = calibration.queried_sigmas('dpm_solver', tasks_train.load_denoiser(network), steps=4, order=2, method='multistep')
+    messages = []
+    whole = run_calibration(network, ds, s.calibrate, sigmas, dict(dataset='x'), log=messages.append)
+    killed = run_calibration(network, ds, s.calibrate, sigmas, dict(dataset='x'), kill_actor_for_test=0, log=messages.append)
+    assert any('was lost' in m for m in messages)
+    assert killed.chunks == whole.chunks == set(range(6)) and torch.equal(killed.count, whole.count)
+    for name in ('sum_D', 'sum_y', 'sum_r2'):
+        a, b = getattr(killed, name), getattr(whole, name)
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+
+
+@needs_fashion
+def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
+    """The whole pipeline on a tiny spec: Parquet tables with the documented columns, one sweep
+    row per Tune trial, figures from those rows; a second run reuses every stage."""
+    s = _spec(tmp_path)
+    root = str(tmp_path / 'results')
+    runner.run(s, results_root=root)
+    sweep = results.read_table(root, 'tiny', 'sweep')
+    assert len(sweep) == len(s.trials()) == 4
+    assert set(results.PROVENANCE) <= set(sweep.columns)
+    assert {'label', 'sampler', 'calibrated', 'params', 'nfe', 'fid', 'num_samples', 'weights_sha256', 'wall_time'} <= set(sweep.columns)
+    assert sorted(sweep['nfe']) == [4, 4, 6, 6] and sweep['fid'].notna().all() and (sweep['num_samples'] == 6).all()
+    cal = results.read_table(root, 'tiny', 'calibration')
+    assert {'sigma', 'images', 'c_norm2', 'mean_eps_norm2', 'mean_eps_norm2_se'} <= set(cal.columns) and (cal['images'] == 48).all()
+    log = results.read_table(root, 'tiny', 'train_log')
+    assert {'kimg', 'loss', 'img_per_sec', 'config'} <= set(log.columns) and log['kimg'].iloc[-1] == pytest.approx(0.128)
+    md = open(os.path.join(root, 'tiny', 'sweep.md')).read()
+    for value in sweep['fid']:
+        assert f'{value:.2f}' in md  # the table is made from the Parquet rows
+    assert os.path.getsize(os.path.join(root, 'tiny', 'fid_vs_nfe.png')) > 1000
+
+    runner.run(s, results_root=root)
+    timings = results.read_table(root, 'tiny', 'timings')
+    assert set(timings['status']) == {'reused'}
+    assert results.read_table(root, 'tiny', 'sweep')['fid'].tolist() == sweep['fid'].tolist()
+
+
+def test_two_experiments_share_a_results_root(tmp_path):
+    """Concurrent writers of two experiments never corrupt each other's files (atomic renames
+    into separate folders)."""
+    root = str(tmp_path)
+    errors = []
+
+    def writer(name):
+        try:
+            for i in range(20):
+                rows = [dict(step=j, value=float(i * j), payload='x' * 1000) for j in range(200)]
+                results.write_table(root, name, 'sweep', rows, dict(experiment=name))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ('a', 'b')]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name in ('a', 'b'):
+        df = pd.read_parquet(os.path.join(root, name, 'sweep.parquet'))
+        assert len(df) == 200 and (df['experiment'] == name).all() and df['value'].iloc[-1] == 19 * 199
+    assert results.experiments(root) == ['a', 'b']
+    assert not [f for f in os.listdir(os.path.join(root, 'a')) if '.tmp' in f]

@@ -8,5 +8,4 @@ test: setup
 	.venv/bin/python -m pytest -q tests
 
 quickstart: setup
-	.venv/bin/python -m tasks.train --dataset fashion-mnist --pad-to-32 --resolution 16 --preset ddpmpp-tiny \
-		--kimg 40 --out runs/quickstart
+	.venv/bin/orchestrator run specs/quickstart.yaml

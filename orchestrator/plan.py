@@ -38,6 +38,17 @@ class Stage:
             return json.load(f)
 
 
+# Settings that decide where and how fast work runs, never its result (calibration merges are
+# exact for any partition and batch size): left out of the stage hashes.
+NOT_HASHED = dict(train=('cpus_per_worker', 'max_failures', 'use_gpu'),
+                  calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size'),
+                  evaluate=('batch_size',))
+
+
+def _hashed(section, values):
+    return {k: v for k, v in values.items() if k not in NOT_HASHED.get(section, ())}
+
+
 def make_plan(spec, results_root):
     """The ordered stages of a spec under results_root/<experiment>/stages/."""
     base = os.path.join(results_root, spec.experiment, 'stages')
@@ -55,12 +66,12 @@ def make_plan(spec, results_root):
     else:
         t = spec.train
         gpu = {'true': 'GPU', 'false': 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[str(t.use_gpu).lower()]
-        model = add('train', dict(data=data, model=asdict(spec.model), train=asdict(t), seed=spec.seed),
-                    f'{t.workers} Ray Train worker(s), {gpu}; {t.kimg} kimg at batch {t.batch_size}')
+        model = add('train', dict(data=data, model=asdict(spec.model), train=_hashed('train', asdict(t)), seed=spec.seed),
+                    f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {t.kimg} kimg at batch {t.batch_size}')
     calibrate = None
     if spec.calibrate is not None:
         c = spec.calibrate
-        calibrate = add('calibrate', dict(data=data, calibrate=asdict(c), sweep_sigmas=_sweep_sigma_inputs(spec)),
+        calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sweep_sigmas=_sweep_sigma_inputs(spec)),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; {c.images} images, '
                         f'chunks of {c.chunk_size}', [model])
     reference = sweep = None
@@ -69,7 +80,7 @@ def make_plan(spec, results_root):
         reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
                                           weights=e.inception_weights), f'1 process; {e.reference_images} images')
         r = spec.sweep.resources
-        sweep = add('sweep', dict(trials=spec.trials(), evaluate=asdict(e)),
+        sweep = add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
                     f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
                     f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
                     [s for s in (model, calibrate, reference) if s is not None])

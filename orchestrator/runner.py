@@ -22,7 +22,13 @@ RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
 
 
 def init_ray(address=None, num_cpus=None):
-    """Connect to `address`, or start the embedded single-node cluster on loopback."""
+    """Connect to `address`, or start the embedded single-node cluster on loopback. Inside a
+    Ray job (orchestrator submit), RAY_ADDRESS names the job's cluster: join it."""
+    if not address and os.environ.get('RAY_ADDRESS'):
+        import ray
+        if not ray.is_initialized():
+            ray.init()
+        return
     if not address:
         # Read when Ray starts its processes: keep every listener, the node address and the
         # training process group on 127.0.0.1, and skip token auth (nothing else can connect).

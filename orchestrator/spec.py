@@ -60,6 +60,7 @@ class TrainSpec:
     loss: str = 'edm'
     hflip: bool = False
     workers: int = 1
+    cpus_per_worker: float = 1.0           # also torch's thread count in the worker
     use_gpu: object = 'auto'               # auto | true | false
     bf16: bool = False
     kimg_per_tick: float = 2.0
@@ -252,7 +253,7 @@ def _validate(spec, path):
     _choice(path, 'model.precond', m.precond, list(precond.PRECONDS))
     if m.checkpoint is not None and not os.path.isfile(m.checkpoint):
         _fail(path, 'model.checkpoint', f'{m.checkpoint} does not exist (a network.pt written by training)')
-    for key in ('kimg', 'batch_size', 'lr', 'workers', 'kimg_per_tick', 'checkpoint_ticks'):
+    for key in ('kimg', 'batch_size', 'lr', 'workers', 'cpus_per_worker', 'kimg_per_tick', 'checkpoint_ticks'):
         _positive(path, f'train.{key}', getattr(t, key))
     _positive(path, 'train.max_failures', t.max_failures, allow_zero=True)
     _choice(path, 'train.use_gpu', str(t.use_gpu).lower(), ('auto', 'true', 'false'))

@@ -87,7 +87,8 @@ def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
         data_info=dict(name=spec.data.name))
     trainer = ray.train.torch.TorchTrainer(
         _train_worker, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
+                                               resources_per_worker=dict(CPU=t.cpus_per_worker)),
         run_config=ray.train.RunConfig(name='train', storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))

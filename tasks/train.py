@@ -205,7 +205,8 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=total_nimg, initial=cur_nimg, unit='img', unit_scale=True, desc='train')  # shows k = kimg
+        bar = tqdm(total=total_nimg, initial=cur_nimg, unit='img', unit_scale=True, desc='train',  # shows k = kimg
+                   mininterval=2 if os.isatty(2) else 15)  # log files and Ray's forwarding get few lines
 
     tick_start_nimg, tick_start_time, tick_losses, tick = cur_nimg, time.time(), [], len(log)
     while cur_nimg < total_nimg:
@@ -248,7 +249,7 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         elapsed = time.time() - tick_start_time
         record = dict(tick=tick, kimg=cur_nimg / 1000, loss=float(torch.stack(tick_losses).mean()),
                       lr=optimizer.param_groups[0]['lr'], sec_per_kimg=elapsed / max(cur_nimg - tick_start_nimg, 1) * 1000,
-                      img_per_sec=(cur_nimg - tick_start_nimg) / max(elapsed, 1e-9), wall_time=time.time())
+                      img_per_sec=(cur_nimg - tick_start_nimg) / max(elapsed, 1e-9), timestamp=time.time())
         if reference_table is not None:
             record['offset_mse'] = calibration.offset_mse(recorder.h, reference_table)
         log.append(record)

@@ -134,3 +134,23 @@ def test_two_experiments_share_a_results_root(tmp_path):
         assert len(df) == 200 and (df['experiment'] == name).all() and df['value'].iloc[-1] == 19 * 199
     assert results.experiments(root) == ['a', 'b']
     assert not [f for f in os.listdir(os.path.join(root, 'a')) if '.tmp' in f]
+
+
+@needs_fashion
+def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, capsys):
+    """`orchestrator submit` ships this directory to the cluster's job server (here the embedded
+    cluster's dashboard on 127.0.0.1) and the job runs the spec there."""
+    import re
+    import time
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from orchestrator import cli
+    address = 'http://127.0.0.1:8265'
+    assert cli.main(['submit', 'tests/specs/tiny-train.yaml', '--address', address, '--results', 'job-results']) == 0
+    job = re.search(r'submitted job (\S+);', capsys.readouterr().out).group(1)
+    client = JobSubmissionClient(address)
+    deadline = time.time() + 300
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert '== train' in logs

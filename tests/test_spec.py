@@ -110,6 +110,9 @@ def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
     h = lambda sp: {st.name: st.hash for st in plan.make_plan(sp, str(tmp_path / 'results'))}
     assert h(s2)['train'] == h(s)['train'] and h(s2)['calibrate'] == h(s)['calibrate'] and h(s2)['sweep'] != h(s)['sweep']
     assert all(h(s3)[k] != h(s)[k] for k in ('train', 'calibrate', 'sweep'))
+    # Resources never change results: more actors or CPUs reuse every stage.
+    s4 = spec.load(_write(tmp_path, _with(calibrate__actors=5, train__cpus_per_worker=2, evaluate__batch_size=4), 's4.yaml'))
+    assert h(s4) == h(s)
     assert cli.main(['run', _write(tmp_path, BASE, 'd.yaml'), '--dry-run', '--results', str(tmp_path / 'results')]) == 0
     out = capsys.readouterr().out
     assert 'train' in out and '1 Ray Train worker(s)' in out and '4 Tune trial(s)' in out and 'run' in out

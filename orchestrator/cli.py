@@ -40,7 +40,7 @@ def cmd_submit(args):
     client = JobSubmissionClient(args.address)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     job = client.submit_job(
-        entrypoint=f'python -m orchestrator run {os.path.relpath(os.path.abspath(args.spec), root)} --results {args.results}',
+        entrypoint=f'{args.python} -m orchestrator run {os.path.relpath(os.path.abspath(args.spec), root)} --results {args.results}',
         runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES))
     print(f'submitted job {job}; follow it with: orchestrator logs {job} --address {args.address}')
 
@@ -95,6 +95,8 @@ def build_parser():
     s.add_argument('spec')
     s.add_argument('--address', required=True, help='the cluster dashboard, e.g. http://HEAD:8265')
     s.add_argument('--results', default='results')
+    s.add_argument('--python', default='python',
+                   help="the interpreter on the cluster that has this project's dependencies (default: python)")
     s.set_defaults(fn=cmd_submit)
     for name, fn, text in (('logs', cmd_logs, "a submitted job's logs"), ('status', cmd_status, "a submitted job's status")):
         q = sub.add_parser(name, help=text)

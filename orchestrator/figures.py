@@ -57,7 +57,7 @@ def sweep_markdown(df):
     metric = metric_column(df)
     df = df.assign(solver=df.apply(solver_label, axis=1))
     nfes = sorted(df['nfe'].unique())
-    lines = [f'| solver | calibrated | ' + ' | '.join(f'NFE {int(n)}' for n in nfes) + ' |',
+    lines = ['| solver | calibrated | ' + ' | '.join(f'NFE {int(n)}' for n in nfes) + ' |',
              '|---|---|' + '---|' * len(nfes)]
     for (solver, calibrated), g in sorted(df.groupby(['solver', 'calibrated'])):
         cells = [f'{g[g["nfe"] == n][metric].iloc[0]:.2f}' if (g['nfe'] == n).any() else '' for n in nfes]

@@ -74,13 +74,12 @@ def make_plan(spec, results_root):
         calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sweep_sigmas=_sweep_sigma_inputs(spec)),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; {c.images} images, '
                         f'chunks of {c.chunk_size}', [model])
-    reference = sweep = None
     if spec.sweep is not None:
         e = spec.evaluate
         reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
                                           weights=e.inception_weights), f'1 process; {e.reference_images} images')
         r = spec.sweep.resources
-        sweep = add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
+        add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
                     f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
                     f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
                     [s for s in (model, calibrate, reference) if s is not None])

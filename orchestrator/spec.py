@@ -25,7 +25,7 @@ from typing import Optional
 import yaml
 
 from tasks import data as data_mod
-from tasks import networks, precond, samplers
+from tasks import networks, precond
 
 
 class SpecError(ValueError):

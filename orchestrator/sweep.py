@@ -12,6 +12,12 @@ from tasks import calibration, metrics
 from tasks import train as tasks_train
 
 
+# What a trial reports besides the metric values (Tune adds bookkeeping keys we drop).
+_METRIC_KEYS = ('num_samples', 'seed_blocks', 'nfe', 'reference_count', 'feature_extractor', 'weights_source',
+                'weights_sha256', 'note', 'device', 'wall_time')
+_METRIC_PREFIXES = ('fid', 'frechet', 'kid', 'precision', 'recall', 'f_score')
+
+
 def describe_trial(trial):
     """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated'."""
     params = ' '.join(f'{k}={v}' for k, v in trial.items() if k not in ('sampler', 'calibrated'))
@@ -54,13 +60,10 @@ def run_sweep(trials, context, resources, stage_dir, verbose=1):
         if result.error is not None:
             errors.append(f'{describe_trial(trial)}: {result.error}')
             continue
-        metrics_row = {k: v for k, v in result.metrics.items() if k in _METRIC_KEYS or k.startswith(('fid', 'frechet', 'kid', 'precision', 'recall', 'f_score'))}
+        metrics_row = {k: v for k, v in result.metrics.items() if k in _METRIC_KEYS or k.startswith(_METRIC_PREFIXES)}
         rows.append(dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
                          params={k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}, **metrics_row))
     if errors:
         raise RuntimeError('sweep trials failed:\n  ' + '\n  '.join(errors))
     return rows
 
-
-_METRIC_KEYS = ('num_samples', 'seed_blocks', 'nfe', 'reference_count', 'feature_extractor', 'weights_source',
-                'weights_sha256', 'note', 'device', 'wall_time')

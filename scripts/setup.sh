@@ -9,9 +9,9 @@ PYTHON=${PYTHON:-python3}
 stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    # constraints.txt holds the exact pins; pyproject.toml the supported ranges.
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[test]'
+    # constraints.txt holds the exact pins; pyproject.toml the supported ranges. (The grep only
+    # drops a warning this workplace's pip configuration prints for every package.)
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[test]' 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 

@@ -17,7 +17,6 @@ float64 summation order. Guarantee (tested): relative difference <= 1e-12 of the
 """
 import hashlib
 import json
-import math
 import os
 
 import numpy as np

@@ -1,5 +1,6 @@
 """Ray tests on the embedded local cluster (started once per session): select with -m ray."""
 import os
+import sys
 import threading
 
 import pandas as pd
@@ -145,7 +146,10 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, capsys):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from orchestrator import cli
     address = 'http://127.0.0.1:8265'
-    assert cli.main(['submit', 'tests/specs/tiny-train.yaml', '--address', address, '--results', 'job-results']) == 0
+    # The job runs on the cluster's own interpreter; here that is this virtual environment's,
+    # which a plain `python` on PATH need not be (CI's PATH has no .venv/bin).
+    assert cli.main(['submit', 'tests/specs/tiny-train.yaml', '--address', address, '--results', 'job-results',
+                     '--python', sys.executable]) == 0
     job = re.search(r'submitted job (\S+);', capsys.readouterr().out).group(1)
     client = JobSubmissionClient(address)
     deadline = time.time() + 300

@@ -2,6 +2,11 @@
 driver merges them (tasks.calibration). Each actor holds the model once. Chunks go to actors
 round-robin; if an actor dies, its chunks are recomputed on a fresh actor, and since noise
 depends only on (seed, chunk, grid point), the merged table is the same.
+
+Several image counts (Calib Table 4) cost one pass over the largest: the chunks are cut into
+segments at the counts, each actor returns one partial table per segment, and the table for
+count n_j merges segments 1..j. The driver merges in group and segment order, so the result
+does not depend on which actor finished first.
 """
 import ray
 import torch
@@ -20,59 +25,75 @@ class CalibrationActor:
         self.images, self.labels, self.num_classes = images, labels, num_classes
         self.generation = generation  # source 'generated': image i is the sample of seed i
 
-    def estimate(self, chunk_indices, sigmas, kwargs):
+    def estimate(self, segments, sigmas, kwargs):
+        """segments: {segment index: chunk indices}. Returns {segment index: table state}."""
+        chunks = data_mod.partition(kwargs['num_images'], kwargs['chunk_size'])
         images = self.images
         if self.generation is not None:
-            chunks = data_mod.partition(kwargs['num_images'], kwargs['chunk_size'])
             images = torch.zeros(kwargs['num_images'], *self.generation['shape'], dtype=torch.uint8)
-            for c in chunk_indices:
+            for c in (c for group in segments.values() for c in group):
                 rows = chunks[c]
                 ds = calibration.generated_dataset(self.net, len(rows), seeds=range(rows.start, rows.stop), device=self.device,
                                                    **self.generation['sampler'])
                 images[rows.start:rows.stop] = ds.images
-        table = calibration.estimate_table(
-            self.net, images, sigmas, labels=self.labels, num_classes=self.num_classes, chunk_size=kwargs['chunk_size'],
-            chunk_indices=chunk_indices, seed=kwargs['seed'], noise_draws=kwargs['noise_draws'], flips=kwargs['flips'],
-            batch_size=kwargs['batch_size'], device=self.device, meta=kwargs['meta'])
-        return table.state()
+        return {s: calibration.estimate_table(
+                    self.net, images, sigmas, labels=self.labels, num_classes=self.num_classes, chunk_size=kwargs['chunk_size'],
+                    chunk_indices=group, seed=kwargs['seed'], noise_draws=kwargs['noise_draws'], flips=kwargs['flips'],
+                    batch_size=kwargs['batch_size'], device=self.device, meta=kwargs['meta']).state()
+                for s, group in segments.items()}
 
 
-def run_calibration(network_path, dataset, spec_calibrate, sigmas, meta, kill_actor_for_test=None, log=print):
-    """Estimate the table over spec_calibrate.images images with spec_calibrate.actors actors.
+def segment_chunks(counts, chunk_size):
+    """Chunk indices of each segment: segment j holds the chunks between counts[j-1] and
+    counts[j] (sorted). A table over the first counts[j] images merges segments 0..j."""
+    chunks = data_mod.partition(counts[-1], chunk_size)
+    return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
+
+
+def run_calibration(network_path, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print):
+    """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
+    spec_calibrate.counts(), with spec_calibrate.actors actors.
     kill_actor_for_test: index of an actor to kill right after its work was submitted (tests
     the recomputation path)."""
     c = spec_calibrate
-    n = min(c.images, len(dataset)) if c.source == 'data' else c.images
-    chunks = data_mod.partition(n, c.chunk_size)
-    groups = [g for g in data_mod.assign_chunks(len(chunks), c.actors) if g]
-    generation = None
-    images_ref = labels_ref = None
-    if c.source == 'generated':
+    counts = c.counts()
+    n = counts[-1]
+    if source == 'data' and n > len(dataset):
+        raise ValueError(f'calibrate.images: {n} images asked for, but the data holds {len(dataset)}')
+    segments = segment_chunks(counts, c.chunk_size)
+    chunk_segment = {chunk: s for s, group in enumerate(segments) for chunk in group}
+    groups = [g for g in data_mod.assign_chunks(len(chunk_segment), c.actors) if g]
+    work = [{s: [i for i in g if chunk_segment[i] == s] for s in sorted({chunk_segment[i] for i in g})} for g in groups]
+    generation = images_ref = labels_ref = None
+    if source == 'generated':
         generation = dict(shape=(dataset.channels, dataset.resolution, dataset.resolution), sampler=dict(c.generation))
     else:
         images_ref = ray.put(dataset.images[:n])
     kwargs = dict(chunk_size=c.chunk_size, seed=c.seed, noise_draws=c.noise_draws, flips=c.flips, batch_size=c.batch_size,
-                  num_images=n, meta=dict(meta, source=c.source))
+                  num_images=n, meta=dict(meta, source=source))
     options = dict(num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor)
     make_actor = lambda: CalibrationActor.options(**options).remote(network_path, images_ref, labels_ref, 0, generation)
     actors = [make_actor() for _ in groups]
-    pending = {actor.estimate.remote(g, sigmas, kwargs): (i, g) for i, (actor, g) in enumerate(zip(actors, groups))}
+    pending = {actor.estimate.remote(w, sigmas, kwargs): i for i, (actor, w) in enumerate(zip(actors, work))}
     if kill_actor_for_test is not None:
         ray.kill(actors[kill_actor_for_test])
-    tables, done = [], 0
+    partial = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        i, group = pending.pop(ready[0])
+        i = pending.pop(ready[0])
+        chunks = len(groups[i])
         try:
-            tables.append(calibration.CalibrationTable.from_state(ray.get(ready[0])))
-            done += 1
-            log(f'calibrate: actor {i} done ({len(group)} chunks); {done}/{len(groups)} groups')
+            partial[i] = {s: calibration.CalibrationTable.from_state(state) for s, state in ray.get(ready[0]).items()}
+            log(f'calibrate ({source}): actor {i} done ({chunks} chunks); {len(partial)}/{len(groups)} groups')
         except RayActorError as e:
-            log(f'calibrate: actor {i} was lost ({type(e).__name__}); recomputing its {len(group)} chunks on a new actor')
+            log(f'calibrate ({source}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
             actors[i] = make_actor()
-            pending[actors[i].estimate.remote(group, sigmas, kwargs)] = (i, group)
-    merged = tables[0]
-    for t in tables[1:]:
-        merged = merged.merge(t)
-    merged.meta['image_count'] = n
-    return merged
+            pending[actors[i].estimate.remote(work[i], sigmas, kwargs)] = i
+    tables, merged = {}, None
+    for s, count in enumerate(counts):
+        for i in sorted(partial):
+            if s in partial[i]:
+                merged = partial[i][s] if merged is None else merged.merge(partial[i][s])
+        merged.meta['image_count'] = count
+        tables[count] = merged  # merge() returns a new table, so later merges leave this one as is
+    return tables

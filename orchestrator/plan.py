@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from orchestrator.spec import stable_hash
+from orchestrator.spec import sampler_kwargs, stable_hash
 from tasks.metrics import sha256_file
 
 
@@ -72,8 +72,8 @@ def make_plan(spec, results_root):
     if spec.calibrate is not None:
         c = spec.calibrate
         calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sweep_sigmas=_sweep_sigma_inputs(spec)),
-                        f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; {c.images} images, '
-                        f'chunks of {c.chunk_size}', [model])
+                        f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
+                        f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}', [model])
     if spec.sweep is not None:
         e = spec.evaluate
         reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
@@ -88,7 +88,8 @@ def make_plan(spec, results_root):
 
 def _sweep_sigma_inputs(spec):
     """What decides the calibration grid: the calibrated trials' sampler settings."""
-    return [t for t in spec.trials() if t['calibrated']]
+    settings = [dict(sampler_kwargs(t), sampler=t['sampler']) for t in spec.trials() if t['calibrated']]
+    return [s for i, s in enumerate(settings) if s not in settings[:i]]
 
 
 def describe(stages):

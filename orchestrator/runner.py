@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from orchestrator import figures, plan, results
-from orchestrator.spec import stable_hash
+from orchestrator.spec import SpecError, sampler_kwargs, stable_hash, table_key
 from tasks import calibration, data, metrics
 from tasks import train as tasks_train
 
@@ -63,6 +63,10 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
     dataset = data.load_dataset(name=spec.data.name, root=spec.data.root, split=spec.data.split,
                                 pad_to_32=spec.data.pad_to_32, resolution=spec.data.resolution, limit=spec.data.limit)
+    c = spec.calibrate
+    if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
+        raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
+                        f'{spec.data.split} holds {len(dataset)} (after data.limit)')
     state, timings = {}, []
     for stage in stages:
         start, reused = time.time(), stage.done
@@ -108,18 +112,21 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
     from orchestrator.calibrate import run_calibration
     network = _model_outputs(state)['network']
     net = tasks_train.load_denoiser(network)
-    grids = [calibration.queried_sigmas(t['sampler'], net, **{k: v for k, v in t.items() if k not in ('sampler', 'calibrated')})
-             for t in spec.trials() if t['calibrated']]
+    grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in spec.trials() if t['calibrated']]
     if not grids:  # no sweep: a default grid for inspection (EDM's 18-step sampler)
         grids = [calibration.queried_sigmas('edm', net, num_steps=18)]
     sigmas = calibration.union_sigmas(*grids)
     log(f'calibrate: {len(sigmas)} sigmas from {len(grids)} calibrated sampler setting(s)')
     meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
-    table = run_calibration(network, dataset, spec.calibrate, sigmas, meta, hooks.get('kill_calibration_actor'), log)
-    path = os.path.join(stage.dir, 'table.pt')
-    table.save(path)
-    calibration.save_mean_eps_figure(table, os.path.join(stage.dir, 'mean_eps.png'))
-    return dict(table=os.path.abspath(path), sigmas=len(sigmas), images=table.meta['image_count'])
+    tables = {}
+    for source in spec.calibrate.sources():
+        by_count = run_calibration(network, dataset, spec.calibrate, source, sigmas, meta, hooks.get('kill_calibration_actor'), log)
+        for n, table in by_count.items():
+            path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
+            table.save(path)
+            tables[table_key(source, n)] = os.path.abspath(path)
+        calibration.save_mean_eps_figure(by_count[max(by_count)], os.path.join(stage.dir, f'mean_eps-{source}.png'))
+    return dict(tables=tables, sigmas=len(sigmas))
 
 
 def _reference(spec, stage, state, dataset, hooks, log):
@@ -141,7 +148,7 @@ def _sweep(spec, stage, state, dataset, hooks, log):
     e = spec.evaluate
     with np.load(state['reference']['stats']) as f:
         reference = dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']))
-    context = dict(network=_model_outputs(state)['network'], table=state.get('calibrate', {}).get('table'),
+    context = dict(network=_model_outputs(state)['network'], tables=state.get('calibrate', {}).get('tables', {}),
                    reference=ray.put(reference), num_images=e.num_images, seed_blocks=e.seed_blocks, batch_size=e.batch_size,
                    kid=e.kid, precision_recall=e.precision_recall, inception_weights=e.inception_weights)
     rows = run_sweep(spec.trials(), context, spec.sweep.resources, stage.dir)
@@ -165,15 +172,18 @@ def _write_train_log(spec, stage, state, root, prov):
 
 
 def _write_calibration(spec, stage, state, root, prov):
-    table = calibration.CalibrationTable.load(state['calibrate']['table'])
-    c, se = table.offset()[0], table.standard_error()[0]
-    sig2 = table.sigmas ** 2
-    c2 = c.flatten(1).square().sum(1)
-    # Standard error of ||c||^2 by the delta method: 2 sqrt(sum_i c_i^2 se_i^2).
-    c2_se = 2 * (c.flatten(1).square() * se.flatten(1).square()).sum(1).sqrt()
-    rows = [dict(sigma=float(s), images=int(n), c_norm2=float(a), mean_eps_norm2=float(a / v), mean_eps_norm2_se=float(b / v),
-                 config=dataclasses.asdict(spec.calibrate))
-            for s, n, a, b, v in zip(table.sigmas, table.count.sum(0), c2, c2_se, sig2)]
+    rows = []
+    for path in state['calibrate']['tables'].values():
+        table = calibration.CalibrationTable.load(path)
+        c, se = table.offset()[0], table.standard_error()[0]
+        sig2 = table.sigmas ** 2
+        c2 = c.flatten(1).square().sum(1)
+        # Standard error of ||c||^2 by the delta method: 2 sqrt(sum_i c_i^2 se_i^2).
+        c2_se = 2 * (c.flatten(1).square() * se.flatten(1).square()).sum(1).sqrt()
+        rows += [dict(source=table.meta['source'], table_images=table.meta['image_count'], sigma=float(s), images=int(n),
+                      c_norm2=float(a), mean_eps_norm2=float(a / v), mean_eps_norm2_se=float(b / v),
+                      config=dataclasses.asdict(spec.calibrate))
+                 for s, n, a, b, v in zip(table.sigmas, table.count.sum(0), c2, c2_se, sig2)]
     results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
 
 

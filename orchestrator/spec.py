@@ -70,17 +70,29 @@ class TrainSpec:
 
 @dataclass
 class CalibrateSpec:
-    images: int = 2000                     # first N images of the dataset (or N generated)
+    # images: N, or a list of counts (Calib Table 4): one table per count, each over the first N
+    # images (or the samples of seeds 0..N-1), estimated in one pass over the largest count.
+    images: object = 2000
     chunk_size: int = 500
     actors: int = 2
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     noise_draws: int = 1
     flips: bool = False
-    source: str = 'data'                   # data | generated
+    source: object = 'data'                # data | generated, or a list of both
     generation: dict = field(default_factory=lambda: dict(sampler='edm', num_steps=18))
     batch_size: int = 500
     seed: int = 0
+
+    def counts(self):
+        return sorted(set(self.images)) if isinstance(self.images, list) else [self.images]
+
+    def sources(self):
+        return list(dict.fromkeys(self.source)) if isinstance(self.source, list) else [self.source]
+
+    def tables(self):
+        """(source, image count) of every table the stage estimates."""
+        return [(source, n) for source in self.sources() for n in self.counts()]
 
 
 @dataclass
@@ -130,17 +142,35 @@ class Spec:
 
     def trials(self):
         """The sweep's grid as a list of trial configs: each sampler entry's list-valued
-        parameters are crossed, then crossed with `calibrated`."""
+        parameters are crossed, then crossed with `calibrated`; calibrated trials are crossed
+        with every calibration table (source x image count) and name theirs."""
         if self.sweep is None:
             return []
+        tables = self.calibrate.tables() if self.calibrate is not None else []
         out = []
         for entry in self.sweep.samplers:
             keys = list(entry)
             axes = [v if isinstance(v, list) else [v] for v in entry.values()]
             for values in itertools.product(*axes):
                 for calibrated in self.sweep.calibrated:
-                    out.append(dict(zip(keys, values), calibrated=bool(calibrated)))
+                    if not calibrated:
+                        out.append(dict(zip(keys, values), calibrated=False))
+                    for source, n in tables if calibrated else ():
+                        out.append(dict(zip(keys, values), calibrated=True, calibration_source=source, calibration_images=n))
         return out
+
+
+TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images')
+
+
+def sampler_kwargs(trial):
+    """A trial's keyword arguments for its sampler (everything but what selects it)."""
+    return {k: v for k, v in trial.items() if k not in TRIAL_KEYS}
+
+
+def table_key(source, images):
+    """How calibrate-stage outputs and sweep trials name a calibration table."""
+    return f'{source}/{images}'
 
 
 SECTIONS = {'data': DataSpec, 'model': ModelSpec, 'train': TrainSpec, 'calibrate': CalibrateSpec,
@@ -262,11 +292,23 @@ def _validate(spec, path):
         _fail(path, 'train.batch_size', f'{t.batch_size} is not divisible by train.workers = {t.workers}')
     c = spec.calibrate
     if c is not None:
-        for key in ('images', 'chunk_size', 'actors', 'noise_draws', 'batch_size'):
+        for key in ('chunk_size', 'actors', 'noise_draws', 'batch_size'):
             _positive(path, f'calibrate.{key}', getattr(c, key))
         _positive(path, 'calibrate.gpus_per_actor', c.gpus_per_actor, allow_zero=True)
         _positive(path, 'calibrate.cpus_per_actor', c.cpus_per_actor, allow_zero=True)
-        _choice(path, 'calibrate.source', c.source, ('data', 'generated'))
+        for i, source in enumerate(c.source if isinstance(c.source, list) else [c.source]):
+            _choice(path, 'calibrate.source' + (f'[{i}]' if isinstance(c.source, list) else ''), source, ('data', 'generated'))
+        counts = c.images if isinstance(c.images, list) else [c.images]
+        if not counts:
+            _fail(path, 'calibrate.images', 'empty list: give at least one image count')
+        for i, n in enumerate(counts):
+            where = 'calibrate.images' + (f'[{i}]' if isinstance(c.images, list) else '')
+            if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+                _fail(path, where, f'expected a positive integer, got {n!r}')
+            # Smaller tables are prefixes of the largest, so their boundaries must fall on chunks.
+            if len(counts) > 1 and n % c.chunk_size:
+                _fail(path, where, f'{n} is not a multiple of calibrate.chunk_size = {c.chunk_size} '
+                                   '(with several counts each table is a whole number of chunks)')
     s = spec.sweep
     if s is not None:
         if not s.samplers:
@@ -305,9 +347,8 @@ def _check_trials(spec, path):
     if spec.model.precond == 'edm':
         stand_in.sigma_min, stand_in.sigma_max = 0.0, float('inf')
     for i, trial in enumerate(spec.trials()):
-        kwargs = {k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}
         try:
-            calibration.queried_sigmas(trial['sampler'], stand_in, **kwargs)
+            calibration.queried_sigmas(trial['sampler'], stand_in, **sampler_kwargs(trial))
         except (ValueError, TypeError) as e:
             _fail(path, 'sweep.samplers', f'trial {i} {trial} is invalid: {e}')
 

@@ -8,6 +8,7 @@ import time
 import ray
 from ray import tune
 
+from orchestrator.spec import sampler_kwargs, table_key
 from tasks import calibration, metrics
 from tasks import train as tasks_train
 
@@ -19,9 +20,10 @@ _METRIC_PREFIXES = ('fid', 'frechet', 'kid', 'precision', 'recall', 'f_score')
 
 
 def describe_trial(trial):
-    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated'."""
-    params = ' '.join(f'{k}={v}' for k, v in trial.items() if k not in ('sampler', 'calibrated'))
-    return f'{trial["sampler"]} {params}{" calibrated" if trial["calibrated"] else ""}'
+    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images)'."""
+    params = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
+    calibrated = f' calibrated ({trial["calibration_source"]}, {trial["calibration_images"]} images)' if trial['calibrated'] else ''
+    return f'{trial["sampler"]} {params}{calibrated}'
 
 
 def _trial(config):
@@ -30,15 +32,14 @@ def _trial(config):
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     net = tasks_train.load_denoiser(ctx['network']).to(device)
     if trial['calibrated']:
-        table = calibration.CalibrationTable.load(ctx['table'])
+        table = calibration.CalibrationTable.load(ctx['tables'][table_key(trial['calibration_source'], trial['calibration_images'])])
         net = calibration.CalibratedDenoiser(net, table, context=describe_trial(trial))
     weights = metrics.resolve_inception_weights(ctx['inception_weights'])
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
-    sampler_kwargs = {k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}
     result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
                               batch_size=ctx['batch_size'], device=device, with_kid=ctx['kid'], with_pr=ctx['precision_recall'],
-                              **sampler_kwargs)
+                              **sampler_kwargs(trial))
     blocks = {k: v for k, v in result.items() if k.endswith('_blocks')}
     row = {k: v for k, v in result.items() if not k.endswith('_blocks')}
     row.update({k: str(v) for k, v in blocks.items()}, device=device, wall_time=time.time() - start)
@@ -47,7 +48,7 @@ def _trial(config):
 
 def run_sweep(trials, context, resources, stage_dir, verbose=1):
     """One Tune trial per entry of `trials`; returns a list of rows (trial settings + metrics).
-    context: network, table (or None), reference (ObjectRef of the statistics), num_images,
+    context: network, tables ({table_key: path}), reference (ObjectRef of the statistics), num_images,
     seed_blocks, batch_size, kid, precision_recall, inception_weights."""
     tuner = tune.Tuner(
         tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
@@ -62,7 +63,8 @@ def run_sweep(trials, context, resources, stage_dir, verbose=1):
             continue
         metrics_row = {k: v for k, v in result.metrics.items() if k in _METRIC_KEYS or k.startswith(_METRIC_PREFIXES)}
         rows.append(dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
-                         params={k: v for k, v in trial.items() if k not in ('sampler', 'calibrated')}, **metrics_row))
+                         calibration_source=trial.get('calibration_source'), calibration_images=trial.get('calibration_images'),
+                         params=sampler_kwargs(trial), **metrics_row))
     if errors:
         raise RuntimeError('sweep trials failed:\n  ' + '\n  '.join(errors))
     return rows

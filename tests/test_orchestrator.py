@@ -65,22 +65,38 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
 
 
+def test_segments_cut_chunks_at_the_image_counts():
+    from orchestrator.calibrate import segment_chunks
+    assert segment_chunks([16, 48], 8) == [[0, 1], [2, 3, 4, 5]]
+    assert segment_chunks([50], 8) == [list(range(7))]  # one count: the last chunk may be short
+
+
 @needs_fashion
 def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
+    """A lost actor's chunks are recomputed: the merged tables are bit for bit those of a run
+    without failure (the driver merges in group order). The table of the smaller image count is
+    the estimate over its first chunks alone."""
     from orchestrator.calibrate import run_calibration
     ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=64)
     tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.032, kimg_per_tick=0.016), ds, str(tmp_path), progress=False)
     network = str(tmp_path / tasks_train.NETWORK)
-    s = _spec(tmp_path)
-    sigmas = calibration.queried_sigmas('dpm_solver', tasks_train.load_denoiser(network), steps=4, order=2, method='multistep')
+    s = _spec(tmp_path, calibrate=dict(TINY['calibrate'], images=[16, 48]))
+    net = tasks_train.load_denoiser(network)
+    sigmas = calibration.queried_sigmas('dpm_solver', net, steps=4, order=2, method='multistep')
     messages = []
-    whole = run_calibration(network, ds, s.calibrate, sigmas, dict(dataset='x'), log=messages.append)
-    killed = run_calibration(network, ds, s.calibrate, sigmas, dict(dataset='x'), kill_actor_for_test=0, log=messages.append)
+    whole = run_calibration(network, ds, s.calibrate, 'data', sigmas, dict(dataset='x'), log=messages.append)
+    killed = run_calibration(network, ds, s.calibrate, 'data', sigmas, dict(dataset='x'), kill_actor_for_test=0, log=messages.append)
     assert any('was lost' in m for m in messages)
-    assert killed.chunks == whole.chunks == set(range(6)) and torch.equal(killed.count, whole.count)
-    for name in ('sum_D', 'sum_y', 'sum_r2'):
-        a, b = getattr(killed, name), getattr(whole, name)
-        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    assert sorted(whole) == sorted(killed) == [16, 48]
+    assert killed[48].chunks == whole[48].chunks == set(range(6)) and whole[16].chunks == {0, 1}
+    for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
+        assert torch.equal(getattr(killed[48], name), getattr(whole[48], name)), name
+    first = calibration.estimate_table(net, ds.images[:48], sigmas, chunk_size=8, chunk_indices=[0, 1], batch_size=16)
+    assert whole[16].meta['image_count'] == first.meta['image_count'] == 16 and torch.equal(whole[16].count, first.count)
+    # Same images and noise; D differs only by float32 rounding (the actor runs torch on 1 thread).
+    for name, rtol in (('sum_y', 1e-12), ('sum_D', 1e-6), ('sum_r2', 1e-6)):
+        a, b = getattr(whole[16], name), getattr(first, name)
+        assert float((a - b).abs().max()) <= rtol * float(b.abs().max()), name
 
 
 @needs_fashion
@@ -96,7 +112,9 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     assert {'label', 'sampler', 'calibrated', 'params', 'nfe', 'fid', 'num_samples', 'weights_sha256', 'wall_time'} <= set(sweep.columns)
     assert sorted(sweep['nfe']) == [4, 4, 6, 6] and sweep['fid'].notna().all() and (sweep['num_samples'] == 6).all()
     cal = results.read_table(root, 'tiny', 'calibration')
-    assert {'sigma', 'images', 'c_norm2', 'mean_eps_norm2', 'mean_eps_norm2_se'} <= set(cal.columns) and (cal['images'] == 48).all()
+    assert {'source', 'table_images', 'sigma', 'images', 'c_norm2', 'mean_eps_norm2', 'mean_eps_norm2_se'} <= set(cal.columns)
+    assert (cal['images'] == 48).all() and (cal['table_images'] == 48).all() and (cal['source'] == 'data').all()
+    assert set(sweep[sweep['calibrated']]['calibration_images']) == {48}
     log = results.read_table(root, 'tiny', 'train_log')
     assert {'kimg', 'loss', 'img_per_sec', 'config'} <= set(log.columns) and log['kimg'].iloc[-1] == pytest.approx(0.128)
     md = open(os.path.join(root, 'tiny', 'sweep.md')).read()

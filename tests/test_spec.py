@@ -43,6 +43,22 @@ def test_valid_spec_and_grid(tmp_path):
     assert s.hash() == spec.load(_write(tmp_path, BASE, 'copy.yaml')).hash()  # the path is not part of the hash
 
 
+def test_calibration_tables_are_a_sweep_axis(tmp_path):
+    """Calib Table 4: image counts x sources give one table each; calibrated trials cross them,
+    uncalibrated ones do not; the calibration stage's hash sees the sampler settings only."""
+    s = spec.load(_write(tmp_path, _with(calibrate__images=[32, 16, 64], calibrate__source=['data', 'generated'])))
+    assert s.calibrate.counts() == [16, 32, 64] and s.calibrate.tables()[:2] == [('data', 16), ('data', 32)]
+    trials = s.trials()
+    assert len(trials) == 2 * (1 + 6)
+    calibrated = [t for t in trials if t['calibrated']]
+    assert {(t['calibration_source'], t['calibration_images']) for t in calibrated} == set(s.calibrate.tables())
+    assert all('calibration_source' not in t for t in trials if not t['calibrated'])
+    assert spec.sampler_kwargs(calibrated[0]) == dict(order=2, steps=10)
+    one = {st.name: st for st in plan.make_plan(spec.load(_write(tmp_path, _with(calibrate__images=[32, 16, 64]), 'b.yaml')), 'r')}
+    assert '16/32/64 images of data' in one['calibrate'].resources
+    assert one['calibrate'].inputs['sweep_sigmas'] == [dict(order=2, steps=10, sampler='dpm_solver'), dict(order=3, steps=10, sampler='dpm_solver')]
+
+
 @pytest.mark.parametrize('changes,message', [
     (dict(trian=dict(kimg=1)), "trian: unknown section (did you mean 'train'?)"),
     (dict(train__kimgs=3), "train.kimgs: unknown key (did you mean 'kimg'?)"),
@@ -58,6 +74,11 @@ def test_valid_spec_and_grid(tmp_path):
     (dict(experiment='has space'), 'experiment: expected a name'),
     (dict(calibrate=DELETE), 'sweep.calibrated: calibrated trials need a `calibrate:` section'),
     (dict(calibrate__source='web'), "calibrate.source: 'web' is not one of: data, generated"),
+    (dict(calibrate__source=['data', 'web']), "calibrate.source[1]: 'web' is not one of: data, generated"),
+    (dict(calibrate__images=[16, 40]), 'calibrate.images[1]: 40 is not a multiple of calibrate.chunk_size = 16'),
+    (dict(calibrate__images=[16, 0]), 'calibrate.images[1]: expected a positive integer, got 0'),
+    (dict(calibrate__images='many'), "calibrate.images: expected a positive integer, got 'many'"),
+    (dict(calibrate__images=[]), 'calibrate.images: empty list'),
     (dict(sweep__samplers=[]), 'sweep.samplers: empty'),
     (dict(sweep__samplers=[dict(sampler='ddim')]), "sweep.samplers[0].sampler: 'ddim' is not one of"),
     (dict(sweep__samplers=[dict(sampler='edm', step=[4])]), "sweep.samplers[0].step: not a parameter of edm (did you mean 'num_steps'?"),
@@ -116,3 +137,13 @@ def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
     assert cli.main(['run', _write(tmp_path, BASE, 'd.yaml'), '--dry-run', '--results', str(tmp_path / 'results')]) == 0
     out = capsys.readouterr().out
     assert 'train' in out and '1 Ray Train worker(s)' in out and '4 Tune trial(s)' in out and 'run' in out
+
+
+@pytest.mark.parametrize('name', sorted(f for f in os.listdir('specs') if f.endswith('.yaml')))
+def test_shipped_specs_validate_and_plan(name, tmp_path):
+    """Every example in specs/ is a valid spec whose plan can be printed (no data needed)."""
+    s = spec.load(os.path.join('specs', name))
+    assert s.experiment == name[:-len('.yaml')]
+    stages = plan.make_plan(s, str(tmp_path))
+    assert stages[0].name in ('train', 'checkpoint') and (s.sweep is None or stages[-1].name == 'sweep')
+    assert len(s.trials()) == len({spec.stable_hash(t) for t in s.trials()})  # no duplicate trials

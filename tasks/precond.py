@@ -125,6 +125,34 @@ class EDMPrecond(Precond):
 PRECONDS = {'vp': VPPrecond, 've': VEPrecond, 'iddpm': iDDPMPrecond, 'edm': EDMPrecond}
 
 
+class FastDenoiser(torch.nn.Module):
+    """The same D(x; sigma), evaluated the way a GPU likes it: the network under bf16 autocast
+    (convolutions and matmuls in bf16, the preconditioning and the output in float32),
+    channels_last activations, and/or torch.compile of the wrapped module. With every option off
+    it is the wrapped denoiser exactly. bench/gpu_throughput.py measures what each option buys
+    and how far it moves D; the README keeps the table."""
+
+    def __init__(self, net, bf16=False, channels_last=False, compile=False):
+        super().__init__()
+        self.bf16, self.channels_last = bf16, channels_last
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.forward_net = torch.compile(self.net) if compile else self.net
+        self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
+        for attr in ('img_channels', 'img_resolution', 'label_dim'):
+            setattr(self, attr, getattr(net, attr))
+
+    def round_sigma(self, sigma):
+        return self.net.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None):
+        x = x.to(torch.float32)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            D = self.forward_net(x, sigma, class_labels)
+        return D.to(torch.float32).contiguous()
+
+
 def build_denoiser(preset, precond='edm', img_resolution=32, img_channels=3, label_dim=0,
                    precond_kwargs=None, **network_overrides):
     """A preconditioned SongUNet from a named network preset (tasks.networks.PRESETS)."""

@@ -110,3 +110,36 @@ def test_prediction_conversions_invert_each_other():
 def test_unknown_precond_lists_valid():
     with pytest.raises(ValueError, match='vp, ve, iddpm, edm'):
         precond.build_denoiser('ddpmpp-tiny', 'karras', 16, 1)
+
+
+def _untrained_with_signal(seed=0):
+    """ddpmpp-tiny with its near-zero layers (EDM's init_zero: weights x 1e-5) scaled up to the
+    size of the others, so that F carries signal like a trained network's."""
+    torch.manual_seed(seed)
+    net = precond.build_denoiser('ddpmpp-tiny', 'edm', img_resolution=16, img_channels=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim > 1 and p.abs().max() < 1e-3:
+                p.mul_(2e4)
+    return net.eval()
+
+
+def test_fast_denoiser_options_keep_D():
+    """FastDenoiser with no option is D exactly; channels_last changes only memory layout (float32
+    rounding); bf16 autocast moves D by bf16 rounding only (it never touches the preconditioning)."""
+    net = _untrained_with_signal()
+    x = torch.randn(6, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2.0
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 5.0, 80.0])
+    with torch.no_grad():
+        D = net(x, sigma)
+        assert torch.equal(precond.FastDenoiser(net)(x, sigma), D)
+        F_scale = (D - net.coefficients(sigma.reshape(-1, 1, 1, 1))[0] * x).abs().max()
+        assert F_scale > 1e-2  # the network part is not zero, so the checks below can fail
+        cl = precond.FastDenoiser(_untrained_with_signal(), channels_last=True)(x, sigma)
+        assert cl.is_contiguous() and float((cl - D).abs().max()) <= 1e-5 * float(D.abs().max())
+        bf = precond.FastDenoiser(_untrained_with_signal(), bf16=True)(x, sigma)
+        assert bf.dtype == torch.float32
+        err = float((bf - D).abs().max())
+        assert 0 < err <= 2e-2 * float(F_scale)
+    fast = precond.FastDenoiser(net, bf16=True)
+    assert (fast.sigma_min, fast.sigma_max, fast.img_resolution) == (net.sigma_min, net.sigma_max, 16)

@@ -53,6 +53,15 @@ def _axis_label(df, metric):
     return f'{label}, {int(df["num_samples"].iloc[0])} samples vs {int(df["reference_count"].iloc[0])} reference'
 
 
+def _save(fig, ax, path):
+    ax.grid(alpha=0.3, which='both')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def fid_vs_nfe(df, path, title=''):
     metric = metric_column(df)
     df = _with_labels(df)
@@ -70,12 +79,7 @@ def fid_vs_nfe(df, path, title=''):
     ax.set_xlabel('NFE (denoiser evaluations)')
     ax.set_ylabel(_axis_label(df, metric))
     ax.set_title(title or 'sample quality vs NFE (dashed: calibrated)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def fid_vs_calibration_images(df, path, title=''):
@@ -99,12 +103,7 @@ def fid_vs_calibration_images(df, path, title=''):
     ax.set_xlabel('images in the calibration estimate')
     ax.set_ylabel(_axis_label(df, metric))
     ax.set_title(title or 'sample quality vs calibration images (dashed: data, dotted: generated)')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def sweep_markdown(df):
@@ -139,12 +138,7 @@ def calibration_figure(df, path):
     ax.set_xlabel('sigma')
     ax.set_ylabel('||E_q[eps(x; sigma)]||^2 (Calib Eq. 27 gap)')
     ax.set_title('calibration term (bands: +-2 standard errors)')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def render(root, experiment):

@@ -97,6 +97,16 @@ def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
     for name, rtol in (('sum_y', 1e-12), ('sum_D', 1e-6), ('sum_r2', 1e-6)):
         a, b = getattr(whole[16], name), getattr(first, name)
         assert float((a - b).abs().max()) <= rtol * float(b.abs().max()), name
+    # Generated source: image i is the sample of seed i, so the 8-image table's clean images are
+    # exactly the first 8 samples, however the chunks were spread over actors.
+    gen_spec = _spec(tmp_path, 'g.yaml', calibrate=dict(TINY['calibrate'], images=[8, 16], source='generated',
+                                                        generation=dict(sampler='edm', num_steps=3)))
+    gen = run_calibration(network, ds, gen_spec.calibrate, 'generated', sigmas, dict(dataset='x'), log=messages.append)
+    samples = calibration.generated_dataset(net, 8, sampler='edm', num_steps=3).images
+    assert gen[8].meta['source'] == 'generated' and gen[16].chunks == {0, 1} and int(gen[8].count[0, 0]) == 8
+    expected_sum_y = data.to_model_range(samples).to(torch.float64).sum(0)
+    # (a pixel may round to the next uint8 level across thread counts: 2/255 in model range)
+    assert float((gen[8].sum_y[0, 0] - expected_sum_y).abs().max()) <= 0.02
 
 
 @needs_fashion

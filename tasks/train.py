@@ -21,6 +21,7 @@ import torch
 
 from tasks import calibration
 from tasks import data as data_mod
+from tasks.files import atomic_write
 from tasks.losses import build_loss
 from tasks.precond import build_denoiser
 
@@ -63,10 +64,8 @@ NETWORK = 'network.pt'
 
 
 def atomic_torch_save(obj, path):
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, whole or not at all."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def learning_rate(lr, cur_nimg, lr_rampup_kimg):

@@ -23,7 +23,7 @@ TINY = dict(
     train=dict(kimg=0.128, batch_size=16, kimg_per_tick=0.032, checkpoint_ticks=2, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
     calibrate=dict(images=48, chunk_size=8, actors=2, batch_size=16),
     sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=[4, 6])], calibrated=[False, True]),
-    evaluate=dict(num_images=6, reference_images=8, batch_size=8),
+    evaluate=dict(num_images=6, reference_images=8, batch_size=8, kid=True, precision_recall=True),
 )
 
 
@@ -121,6 +121,8 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     assert set(results.PROVENANCE) <= set(sweep.columns)
     assert {'label', 'sampler', 'calibrated', 'params', 'nfe', 'fid', 'num_samples', 'weights_sha256', 'wall_time'} <= set(sweep.columns)
     assert sorted(sweep['nfe']) == [4, 4, 6, 6] and sweep['fid'].notna().all() and (sweep['num_samples'] == 6).all()
+    # KID and precision/recall need the reference stage's features, which it keeps when asked.
+    assert sweep[['kid_mean', 'kid_std', 'precision', 'recall']].notna().all().all()
     cal = results.read_table(root, 'tiny', 'calibration')
     assert {'source', 'table_images', 'sigma', 'images', 'c_norm2', 'mean_eps_norm2', 'mean_eps_norm2_se'} <= set(cal.columns)
     assert (cal['images'] == 48).all() and (cal['table_images'] == 48).all() and (cal['source'] == 'data').all()

@@ -18,6 +18,7 @@ and is compared with this device's measured bf16 matmul rate. Prints one Markdow
 writes the numbers (device, torch version, date) as JSON with --out.
 """
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -119,7 +120,7 @@ def main(argv=None):
         print(f'  {path:<22} {variant:<28} batch {batch:>5}: {evals_per_s:9.1f} evals/s', flush=True)
 
     # One network per variant (channels_last converts the module), same weights.
-    nets = {name: precond.FastDenoiser(_copy(base), **opts) for name, opts in variants.items()}
+    nets = {name: precond.FastDenoiser(copy.deepcopy(base), **opts) for name, opts in variants.items()}
     with torch.no_grad():
         for batch in args.batch:
             x = torch.randn(batch, *shape, device=device) * 2
@@ -184,11 +185,6 @@ def main(argv=None):
         with open(args.out, 'w') as f:
             json.dump(dict(header, rows=rows), f, indent=1)
     return dict(header, rows=rows)
-
-
-def _copy(net):
-    import copy
-    return copy.deepcopy(net)
 
 
 if __name__ == '__main__':

@@ -219,7 +219,12 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
                    seed=0, noise_draws=1, flips=False, batch_size=256, device='cpu', meta=None, progress=False):
     """A CalibrationTable over the given chunks of `images` (uint8 [N, C, H, W], or float in
     model range). Each image contributes noise_draws noisy copies per sigma (x2 with flips: the
-    mirrored image too). batch_size only splits the work: the table does not depend on it."""
+    mirrored image too). batch_size only splits the work: the table does not depend on it.
+    A conditional net (label_dim > 0) sees each image's own label, one-hot; the table keeps
+    per-class sums only when num_classes > 0 (Calib Sec. 3.2), else the pooled term."""
+    label_dim = getattr(net, 'label_dim', 0) or num_classes
+    if label_dim and labels is None:
+        raise ValueError(f'the model is conditional ({label_dim} classes): calibration needs the images\' labels')
     images_f = data_mod.as_model_range(images)
     shape = tuple(images_f.shape[1:])
     chunks = data_mod.partition(len(images_f), chunk_size)
@@ -239,7 +244,7 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
             y, lab = torch.cat([y, y.flip(-1)]), None if lab is None else torch.cat([lab, lab])
         y = y.repeat_interleave(noise_draws, 0)
         lab = None if lab is None else lab.repeat_interleave(noise_draws, 0)
-        onehot = None if lab is None or num_classes == 0 else torch.eye(num_classes)[lab]
+        onehot = None if lab is None or not label_dim else torch.eye(label_dim)[lab]
         for k, sigma in enumerate(table.sigmas.tolist()):
             n = chunk_noise(seed, c, k, len(rows), noise_draws * (2 if flips else 1), shape)
             # Row order of n: image-major within each flip half, matching y's layout.
@@ -263,10 +268,14 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
 
 def generated_dataset(net, num_images, sampler='edm', seeds=None, batch_size=64, device='cpu', **sampler_kwargs):
     """num_images samples of `net` as a uint8 ImageDataset (quantized as saved images), for
-    calibration on generated data (Calib Table 4, right). Seeds default to 0..N-1."""
+    calibration on generated data (Calib Table 4, right). Seeds default to 0..N-1. A conditional
+    net's samples carry the class each seed drew (samplers.generate)."""
     seeds = list(range(num_images)) if seeds is None else list(seeds)
-    images, _ = samplers_mod.generate(net, seeds, sampler, batch_size=batch_size, device=device, **sampler_kwargs)
-    return data_mod.ImageDataset(data_mod.to_uint8(images), torch.zeros(len(seeds), dtype=torch.long), f'generated:{sampler}', 1)
+    images, _, labels = samplers_mod.generate(net, seeds, sampler, batch_size=batch_size, device=device,
+                                              return_labels=True, **sampler_kwargs)
+    label_dim = getattr(net, 'label_dim', 0)
+    labels = torch.zeros(len(seeds), dtype=torch.long) if labels is None else labels.argmax(1)
+    return data_mod.ImageDataset(data_mod.to_uint8(images), labels, f'generated:{sampler}', max(label_dim, 1))
 
 
 # ---------------------------------------------------------------------------------------------

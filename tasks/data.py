@@ -7,11 +7,12 @@ resizing (as EDM's dataset_tool stores them); `to_model_range` maps them to [-1,
 import gzip
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from tasks.files import NUMPY_GLOBALS, AllowListUnpickler
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_HINT = ('install it with `apt-get install dataset-fashion-mnist` (Debian), which puts the idx files in '
@@ -131,7 +132,7 @@ def load_cifar10(root, split='train'):
         path = os.path.join(root, name)
         try:
             with open(path, 'rb') as f:
-                batch = pickle.load(f, encoding='bytes')
+                batch = AllowListUnpickler(f, NUMPY_GLOBALS, 'CIFAR-10 python batches', encoding='bytes').load()
             data, batch_labels = batch[b'data'], batch[b'labels']
         except FileNotFoundError:
             raise DataError(f'cifar10: {path} not found; {CIFAR10_HINT}') from None

@@ -1,5 +1,9 @@
-"""Files written whole or not at all."""
+"""Files written whole or not at all, and pickles read as data."""
+import hashlib
 import os
+import pickle
+
+import numpy as np
 
 
 def atomic_write(path, write, suffix=''):
@@ -10,3 +14,60 @@ def atomic_write(path, write, suffix=''):
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes; of a directory, of every file in it with its relative path."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+    for name in files:
+        if name != path:
+            h.update(os.path.relpath(name, path).encode())
+        with open(name, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pickles from elsewhere (CIFAR-10 batches, EDM snapshots): read as data through an allow-list.
+# A pickle names callables (globals) that the loader calls; only the ones listed here are ever
+# resolved, so nothing a file names outside the list can run.
+
+def _numpy_scalar(dtype, data=None):
+    """numpy's scalar reconstructor, for plain (non-object) dtypes only."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject or not isinstance(data, bytes):
+        raise pickle.UnpicklingError(f'refused numpy scalar of dtype {dtype}')
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _numpy_reconstruct(cls, shape, dtype):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f'refused numpy array subclass {cls!r}')
+    return np.ndarray.__new__(np.ndarray, shape, dtype)
+
+
+# numpy 1 pickles name numpy.core..., numpy 2 pickles numpy._core...
+NUMPY_GLOBALS = {
+    **{f'{core}.multiarray.{name}': fn for core in ('numpy.core', 'numpy._core')
+       for name, fn in (('scalar', _numpy_scalar), ('_reconstruct', _numpy_reconstruct))},
+    'numpy.dtype': np.dtype,
+    'numpy.ndarray': np.ndarray,
+}
+
+
+class AllowListUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only the globals in `allowed` ({'module.name': object});
+    any other raises UnpicklingError naming it. `what` says what kind of file was expected."""
+
+    def __init__(self, file, allowed, what, **kwargs):
+        super().__init__(file, **kwargs)
+        self.allowed, self.what = allowed, what
+
+    def find_class(self, module, name):
+        key = f'{module}.{name}'
+        if key in self.allowed:
+            return self.allowed[key]
+        raise pickle.UnpicklingError(f'refused global {key}: not on the allow-list for {self.what} '
+                                     '(nothing from the file was run)')

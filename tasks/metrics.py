@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tasks import data as data_mod
-from tasks.files import atomic_write
+from tasks.files import atomic_write, sha256_file
 from tasks import samplers as samplers_mod
 
 CONVERTED_FILE = 'inception-2015-12-05-tfid-nofc-fp32.pth'
@@ -38,14 +38,6 @@ class MetricsError(ValueError):
 
 def default_cache_dir():
     return os.environ.get('CALIB_EDM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'calib-edm'))
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

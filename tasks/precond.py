@@ -15,20 +15,23 @@ EDM Table 1 (all four use D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)):
 import torch
 
 from tasks import schedules
-from tasks.networks import SongUNet
+from tasks.networks import NETWORKS
 
 
 class Precond(torch.nn.Module):
-    """Shared part of the four preconditioners: holds `model` (a SongUNet, as in EDM, so EDM
-    state dicts load strictly) and evaluates D = c_skip x + c_out F(c_in x; c_noise)."""
+    """Shared part of the four preconditioners: holds `model` (a SongUNet or DhariwalUNet with
+    EDM's parameter names, so EDM state dicts load strictly) and evaluates
+    D = c_skip x + c_out F(c_in x; c_noise)."""
     out_channel_factor = 1
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, **model_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type='SongUNet', **model_kwargs):
         super().__init__()
+        if model_type not in NETWORKS:
+            raise ValueError(f'unknown model_type {model_type!r}; valid: {", ".join(NETWORKS)}')
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.use_fp16 = use_fp16
-        self.model = SongUNet(img_resolution=img_resolution, in_channels=img_channels,
-                              out_channels=img_channels * self.out_channel_factor, label_dim=label_dim, **model_kwargs)
+        self.use_fp16, self.model_type = use_fp16, model_type
+        self.model = NETWORKS[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                          out_channels=img_channels * self.out_channel_factor, label_dim=label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [N, 1, 1, 1] (float32)."""
@@ -60,9 +63,10 @@ class VPPrecond(Precond):
                  beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = beta_d, beta_min, M, epsilon_t
-        self.schedule = schedules.VPSchedule(beta_d=beta_d, beta_min=beta_min)
-        self.sigma_min = float(self.schedule.sigma(epsilon_t))
-        self.sigma_max = float(self.schedule.sigma(1))
+        # sigma(t) at epsilon_t and 1 in float32, as EDM's VPPrecond evaluates it (a Python number
+        # becomes a float32 tensor there), so the sampler's sigma range is the same float.
+        sigma32 = lambda t: ((0.5 * beta_d * torch.as_tensor(t) ** 2 + beta_min * torch.as_tensor(t)).exp() - 1).sqrt()
+        self.sigma_min, self.sigma_max = float(sigma32(epsilon_t)), float(sigma32(1))
 
     def coefficients(self, sigma):
         # sigma^-1(sigma) in float32, as EDM computes it.
@@ -92,7 +96,7 @@ class iDDPMPrecond(Precond):
                  C_1=0.001, C_2=0.008, M=1000, **model_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, **model_kwargs)
         self.C_1, self.C_2, self.M = C_1, C_2, M
-        self.register_buffer('u', schedules.iddpm_u(M, C_1, C_2).to(torch.float32))
+        self.register_buffer('u', schedules.iddpm_u(M, C_1, C_2, dtype=torch.float32))
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 

@@ -112,7 +112,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
         if value not in valid:
             raise ValueError(f'unknown {name} {value!r}; valid: {", ".join(valid)}')
     net = CountedDenoiser(net)
-    vp_default = schedules.VPSchedule(beta_d=19.1, beta_min=0.1)
+    vp_default = schedules.VPSchedule(beta_d=19.9, beta_min=0.1)  # generate.py's default range
     if sigma_min is None:
         sigma_min = {'vp': float(vp_default.sigma(epsilon_s)), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
     if sigma_max is None:
@@ -395,23 +395,41 @@ def get_sampler(name):
     return SAMPLERS[name]
 
 
-def generate(net, seeds, sampler='edm', class_labels=None, batch_size=64, device='cpu', **sampler_kwargs):
+def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch_size=64, device='cpu',
+             return_labels=False, **sampler_kwargs):
     """Images for the given per-image seeds, in batches, as EDM's generate.py draws them:
-    latents from StackedRandomGenerator(seeds), stochastic noise from the same generators.
-    Returns (images float32 [N, C, R, R] on the CPU, total nfe per batch)."""
+    latents from StackedRandomGenerator(seeds), then, for a conditional net (label_dim > 0) and no
+    given class_labels, one class per image from the same generator (so labels too depend only on
+    the seed; class_idx fixes the class after the draw, as generate.py's --class does), then the
+    stochastic noise. Returns (images float32 [N, C, R, R] on the CPU, nfe per batch), and the
+    one-hot labels used (or None) with return_labels."""
     sampler_fn = get_sampler(sampler)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    out, nfe = [], 0
+    label_dim = getattr(net, 'label_dim', 0)
+    if class_idx is not None and not 0 <= class_idx < label_dim:
+        raise ValueError(f'class {class_idx} is out of range: the model has {label_dim} classes')
+    out, out_labels, nfe = [], [], 0
     seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start:start + batch_size]
         rnd = StackedRandomGenerator(device, batch_seeds)
         latents = rnd.randn([len(batch_seeds), *shape], device=device)
-        labels = None if class_labels is None else class_labels[start:start + batch_size].to(device)
+        labels = None
+        if class_labels is not None:
+            labels = class_labels[start:start + batch_size].to(device)
+        elif label_dim:
+            labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(batch_seeds)], device=device)]
+            if class_idx is not None:
+                labels[:, :] = 0
+                labels[:, class_idx] = 1
         kwargs = dict(sampler_kwargs)
         if sampler != 'dpm_solver':
             kwargs['randn_like'] = rnd.randn_like
         with torch.no_grad():
             images, nfe = sampler_fn(net, latents, labels, return_nfe=True, **kwargs)
         out.append(images.to(torch.float32).cpu())
-    return torch.cat(out), nfe
+        out_labels.append(None if labels is None else labels.cpu())
+    images = torch.cat(out)
+    if return_labels:
+        return images, nfe, None if out_labels[0] is None else torch.cat(out_labels)
+    return images, nfe

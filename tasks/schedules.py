@@ -139,13 +139,17 @@ def ve_time_steps(num_steps, sigma_min=0.02, sigma_max=100.0):
     return sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** (i / (num_steps - 1))
 
 
-def iddpm_u(M=1000, C_1=0.001, C_2=0.008):
+def iddpm_u(M=1000, C_1=0.001, C_2=0.008, dtype=F64):
     """EDM Table 1, iDDPM: u_M = 0, u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1),
-    abar(j) = sin^2(pi/2 j / (M (C_2 + 1))). Returns u_0 ... u_M (decreasing)."""
-    alpha_bar = lambda j: math.sin(0.5 * math.pi * j / M / (C_2 + 1)) ** 2
-    u = torch.zeros(M + 1, dtype=F64)
+    abar(j) = sin^2(pi/2 j / (M (C_2 + 1))). Returns u_0 ... u_M (decreasing).
+
+    The arithmetic is EDM's, so that the levels are the same floats: abar and its ratio are
+    evaluated in float32 (in EDM an integer tensor times a Python float is float32), u is
+    accumulated in `dtype` (float32 in EDM's iDDPMPrecond, float64 in generate.py's sampler)."""
+    alpha_bar = lambda j: (0.5 * math.pi * torch.as_tensor(j) / M / (C_2 + 1)).sin() ** 2
+    u = torch.zeros(M + 1, dtype=dtype)
     for j in range(M, 0, -1):
-        u[j - 1] = ((u[j] ** 2 + 1) / max(alpha_bar(j - 1) / alpha_bar(j), C_1) - 1).sqrt()
+        u[j - 1] = ((u[j] ** 2 + 1) / (alpha_bar(j - 1) / alpha_bar(j)).clip(min=C_1) - 1).sqrt()
     return u
 
 
@@ -220,8 +224,9 @@ class VPLinearNoiseSchedule(DPMNoiseSchedule):
 
 class VPDiscreteNoiseSchedule(DPMNoiseSchedule):
     """Discrete-time DPM (DDPM) with N betas, seen at continuous times t_n = (n + 1) / N with
-    log alpha_t piecewise linear in t, as the reference does. log-SNR below -5.1 at the noisy end
-    is clipped off (the reference's numerical_clip_alpha)."""
+    log alpha_t piecewise linear in t, as the reference does. Levels with log-SNR below -5.1 at
+    the noisy end are dropped (the reference's numerical_clip_alpha; e.g. cosine schedules) and
+    N is then the number of levels kept."""
 
     def __init__(self, betas=None, alphas_cumprod=None, clipped_lambda=-5.1):
         if (betas is None) == (alphas_cumprod is None):
@@ -234,9 +239,11 @@ class VPDiscreteNoiseSchedule(DPMNoiseSchedule):
         idx = int(torch.searchsorted(lambdas.flip(0).contiguous(), torch.tensor([clipped_lambda], dtype=F64)))
         if idx > 0:
             log_alphas = log_alphas[:-idx]
+        # As the reference: N counts the kept levels only, and time is re-spaced over (1/N, 1],
+        # which moves lambda_T, the default end time 1/N and the model time (t - 1/N) * 1000.
         self.log_alpha_array = log_alphas
-        self.total_N = len(betas) if betas is not None else len(alphas_cumprod)
-        self.t_array = torch.linspace(0, 1, self.total_N + 1, dtype=F64)[1:][:len(log_alphas)]
+        self.total_N = len(log_alphas)
+        self.t_array = torch.linspace(0, 1, self.total_N + 1, dtype=F64)[1:]
 
     @classmethod
     def ddpm_linear(cls, N=1000, beta_start=1e-4, beta_end=0.02):

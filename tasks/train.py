@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tasks import calibration
+from tasks.checkpoints import load_torch_file
 from tasks import data as data_mod
 from tasks.files import atomic_write
 from tasks.losses import build_loss
@@ -86,23 +87,6 @@ def build_network(config, dataset_shape, label_dim):
     channels, resolution = dataset_shape
     return build_denoiser(config.preset, config.precond, img_resolution=resolution, img_channels=channels,
                           label_dim=label_dim, precond_kwargs=config.precond_kwargs, **config.network_overrides)
-
-
-def load_denoiser(path, map_location='cpu'):
-    """The EMA denoiser saved by `train` (NETWORK file or a training checkpoint), in eval mode,
-    with the checkpoint's resolved config attached as `.train_config`."""
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-        config = TrainConfig(**blob['config'])
-    except FileNotFoundError:
-        raise FileNotFoundError(f'{path}: no such network file') from None
-    except Exception as e:
-        raise ValueError(f'{path}: not a network saved by tasks.train ({type(e).__name__}: {e})') from None
-    net = build_network(config, blob['image_shape'], blob['label_dim'])
-    net.load_state_dict(blob['ema'])
-    net.train_config = config
-    net.eval().requires_grad_(False)
-    return net
 
 
 class _Batches:
@@ -173,7 +157,7 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
 
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     if resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = load_torch_file(ckpt_path, map_location=device)
         saved = TrainConfig(**state['config'])
         # total_kimg may grow (train longer); anything else must match.
         diff = [k for k in dataclasses.asdict(config) if k != 'total_kimg' and getattr(saved, k) != getattr(config, k)]
@@ -298,6 +282,7 @@ def main(argv=None):
     """python -m tasks.train: train on a dataset in one process, then save a sample grid."""
     import argparse
     from tasks import samplers
+    from tasks.checkpoints import load_denoiser
     p = argparse.ArgumentParser(description='Train an EDM-style denoiser in one process and save a PNG grid of samples.')
     p.add_argument('--dataset', default='fashion-mnist', choices=data_mod.DATASETS)
     p.add_argument('--root', default=None, help='dataset directory or file (default for fashion-mnist: %s)' % data_mod.FASHION_MNIST_DIR)

@@ -78,7 +78,9 @@ def test_iddpm_u_recursion():
     abar = lambda j: math.sin(0.5 * math.pi * j / 1000 / 1.008) ** 2
     assert float(u[1000]) == 0.0
     for j in (1000, 500, 2):
-        assert float(u[j - 1]) == pytest.approx(math.sqrt((float(u[j]) ** 2 + 1) / max(abar(j - 1) / abar(j), 0.001) - 1), rel=1e-12)
+        # EDM evaluates abar in float32 (see iddpm_u): near j = M the ratio is 1 - 4e-5, so its
+        # float32 rounding moves the smallest u by up to 1e-3 relative.
+        assert float(u[j - 1]) == pytest.approx(math.sqrt((float(u[j]) ** 2 + 1) / max(abar(j - 1) / abar(j), 0.001) - 1), rel=1e-3)
     assert torch.all(u[:-1] > u[1:])
 
 

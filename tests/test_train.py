@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks import data, losses, train
+from tasks import checkpoints, data, losses, train
 
 
 def _toy_dataset(n=256, res=16, seed=0):
@@ -40,7 +40,7 @@ def test_small_preset_trains_and_loss_falls(tmp_path):
     untrained = train.build_network(config, (1, 16), 0).eval()
     val = data.to_model_range(ds.images[:64])
     log = train.train(config, ds, str(tmp_path), progress=False)
-    trained = train.load_denoiser(str(tmp_path / train.NETWORK))
+    trained = checkpoints.load_denoiser(str(tmp_path / train.NETWORK))
     before, after = _fixed_noise_loss(untrained, val), _fixed_noise_loss(trained, val)
     assert after < 0.6 * before, (before, after)
     assert log[-1]['loss'] < log[0]['loss']
@@ -79,16 +79,8 @@ def test_bf16_autocast_and_conditional_step(tmp_path):
     config = train.TrainConfig(preset='ddpmpp-tiny', batch_size=16, total_kimg=0.032, kimg_per_tick=0.016, bf16=True, cond=True)
     log = train.train(config, ds, str(tmp_path), progress=False)
     assert all(torch.isfinite(torch.tensor(r['loss'])) for r in log)
-    net = train.load_denoiser(str(tmp_path / train.NETWORK))
+    net = checkpoints.load_denoiser(str(tmp_path / train.NETWORK))
     assert net.label_dim == 10
-
-
-def test_load_denoiser_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='no such network file'):
-        train.load_denoiser(str(tmp_path / 'missing.pt'))
-    torch.save({'weights': 1}, tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match='not a network saved by tasks.train'):
-        train.load_denoiser(str(tmp_path / 'other.pt'))
 
 
 @pytest.mark.parametrize('name', ['vp', 've', 'edm'])

@@ -1,0 +1,258 @@
+"""Every model a spec can name, loaded as a denoiser D(x, sigma, class_labels), without running
+any code that a file carries.
+
+A denoiser has sigma_min, sigma_max, round_sigma(sigma), img_channels, img_resolution and
+label_dim (tasks.precond). Formats (`load_denoiser(path, format=None)` detects them):
+
+  network.pt  this project's own network.pt / training-state.pt (tasks.train), read with
+              torch.load(weights_only=True): the files hold only tensors and plain data.
+  edm-pkl     NVlabs/edm snapshots (network-snapshot-*.pkl and the published ones). EDM's
+              `persistence` module embeds the Python source of every network class in the pickle
+              and a normal pickle.load executes it. Here an allow-list unpickler reads the pickle
+              as data: each persistent object becomes a record (class name, state) whose source
+              is never executed, tensors are rebuilt by torch's own tensor constructors, and any
+              other global is refused by name. The `ema` record is then rebuilt into
+              tasks.precond / tasks.networks classes from its class name, constructor arguments
+              and tensors (strict state-dict load).
+  diffusers   a diffusers `UNet2DModel` saved with save_pretrained (e.g. a local copy of
+              google/ddpm-cifar10-32) and its DDPM scheduler config, through the optional
+              `diffusers` package (weights from safetensors, or .bin read with weights_only), as
+              a discrete-time VP model (precond.VPModelDenoiser).
+"""
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import torch
+
+from tasks import precond, schedules
+from tasks.files import NUMPY_GLOBALS, AllowListUnpickler, sha256_file
+
+FORMATS = ('network.pt', 'edm-pkl', 'diffusers')
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be loaded; the message names the file and what was expected."""
+
+
+def detect_format(path):
+    """The format of a model file or directory (see FORMATS), from its content."""
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path}: no such model file or directory')
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, sub, 'config.json')) for sub in ('', 'unet')):
+            return 'diffusers'
+        raise CheckpointError(f'{path}: a directory, but not a diffusers model (no config.json or unet/config.json)')
+    if zipfile.is_zipfile(path):
+        return 'network.pt'  # torch.save's zip format
+    with open(path, 'rb') as f:
+        head = f.read(1 << 16)
+    if head[:1] == b'\x80' and b'torch_utils.persistence' in head:
+        return 'edm-pkl'
+    raise CheckpointError(f'{path}: not a model file this project reads: expected a network.pt written by tasks.train '
+                          f'(a torch zip file), an EDM snapshot .pkl, or a diffusers model directory')
+
+
+def load_denoiser(path, format=None, map_location='cpu'):
+    """The denoiser stored at `path` (file or directory), in eval mode with gradients off.
+    `format` overrides detection (one of FORMATS). The result carries `.source` =
+    dict(path, format, sha256) for provenance."""
+    path = os.fspath(path)
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise CheckpointError(f'{path}: unknown model format {fmt!r}; valid: {", ".join(FORMATS)}')
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path}: no such model file or directory')
+    net = {'network.pt': _load_network_pt, 'edm-pkl': _load_edm_pkl, 'diffusers': _load_diffusers}[fmt](path)
+    net = net.to(map_location).eval().requires_grad_(False)
+    net.source = dict(path=os.path.abspath(path), format=fmt, sha256=sha256_file(path))
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# This project's network.pt
+
+def load_torch_file(path, map_location='cpu'):
+    """torch.load of a file this project wrote, refusing anything but tensors and plain data."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: no such file') from None
+    except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips RuntimeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise CheckpointError(f'{path}: not a plain-data torch file ({type(e).__name__}: {first})') from None
+
+
+def _load_network_pt(path):
+    from tasks.train import TrainConfig, build_network
+    blob = load_torch_file(path)
+    try:
+        config = TrainConfig(**blob['config'])
+        net = build_network(config, blob['image_shape'], blob['label_dim'])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f'{path}: not a network saved by tasks.train ({type(e).__name__}: {e})') from None
+    _load_state(net, blob['ema'], path)
+    net.train_config = config
+    return net
+
+
+def _load_state(net, state, path):
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = ' '.join(str(e).split())
+        raise CheckpointError(f'{path}: the stored tensors do not fit {type(net).__name__} '
+                              f'({detail[:400]}{"..." if len(detail) > 400 else ""})') from None
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM snapshots (.pkl written by NVlabs/edm's persistence module)
+
+class PersistentRecord:
+    """What EDM's `_reconstruct_persistent_obj` would have built, kept as data: the class name
+    and the object's state (its __dict__). The embedded module source is never executed."""
+
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or 'class_name' not in meta:
+            raise pickle.UnpicklingError('malformed EDM persistent object')
+        self.class_name, self.state = meta['class_name'], meta.get('state') or {}
+
+    def __repr__(self):
+        return f'PersistentRecord({self.class_name})'
+
+
+class _ModuleRecord:
+    """Stand-in for a torch.nn container (ModuleDict, ModuleList, Sequential): holds its state."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def _storage_from_bytes(data):
+    """torch.storage._load_from_bytes, which would torch.load the bytes with code execution."""
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+_EDM_GLOBALS = {
+    'torch_utils.persistence._reconstruct_persistent_obj': PersistentRecord,
+    'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
+    'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
+    'torch._utils._rebuild_parameter_with_state': torch._utils._rebuild_parameter_with_state,
+    'torch.storage._load_from_bytes': _storage_from_bytes,
+    'collections.OrderedDict': dict,
+    'builtins.set': set,
+    'builtins.frozenset': frozenset,
+    'torch.Size': torch.Size,
+    'torch.device': torch.device,
+    'dnnlib.util.EasyDict': dict,
+    **{f'torch.nn.modules.container.{name}': _ModuleRecord for name in ('ModuleDict', 'ModuleList', 'Sequential')},
+    **{f'torch.{name}': getattr(torch, name) for name in ('float16', 'bfloat16', 'float32', 'float64', 'int8', 'uint8',
+                                                          'int16', 'int32', 'int64', 'bool')},
+    **NUMPY_GLOBALS,
+}
+
+
+def read_edm_pickle(path):
+    """The content of an EDM .pkl as data (PersistentRecord for every persistent object)."""
+    try:
+        with open(path, 'rb') as f:
+            return AllowListUnpickler(f, _EDM_GLOBALS, 'EDM snapshots').load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f'{path}: cannot read as an EDM snapshot: {e}') from None
+
+
+# Each EDM preconditioner class and its default network (EDM's constructor defaults).
+_EDM_PRECONDS = {'VPPrecond': (precond.VPPrecond, 'SongUNet'), 'VEPrecond': (precond.VEPrecond, 'SongUNet'),
+                 'iDDPMPrecond': (precond.iDDPMPrecond, 'DhariwalUNet'), 'EDMPrecond': (precond.EDMPrecond, 'DhariwalUNet')}
+# The positional parameters of EDM's preconditioners, in order.
+_EDM_PRECOND_ARGS = ('img_resolution', 'img_channels', 'label_dim', 'use_fp16')
+
+
+def _state_dict(record, prefix=''):
+    """Parameters and persistent buffers of a record tree, named as Module.state_dict names them."""
+    state = record.state
+    out = {prefix + k: v for k, v in state.get('_parameters', {}).items() if v is not None}
+    skip = state.get('_non_persistent_buffers_set', set())
+    out.update({prefix + k: v for k, v in state.get('_buffers', {}).items() if v is not None and k not in skip})
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            out.update(_state_dict(child, f'{prefix}{name}.'))
+    return out
+
+
+def _load_edm_pkl(path):
+    blob = read_edm_pickle(path)
+    ema = blob.get('ema') if isinstance(blob, dict) else blob
+    if not isinstance(ema, PersistentRecord) or ema.class_name not in _EDM_PRECONDS:
+        found = ema.class_name if isinstance(ema, PersistentRecord) else type(ema).__name__
+        raise CheckpointError(f'{path}: expected an EDM snapshot whose `ema` is one of {", ".join(_EDM_PRECONDS)}; '
+                              f'found {found}')
+    cls, default_network = _EDM_PRECONDS[ema.class_name]
+    args, kwargs = ema.state.get('_init_args', ()), dict(ema.state.get('_init_kwargs', {}))
+    kwargs.update(zip(_EDM_PRECOND_ARGS, args))
+    model = ema.state.get('_modules', {}).get('model')
+    model_type = kwargs.setdefault('model_type', default_network)
+    if not isinstance(model, PersistentRecord) or model.class_name != model_type:
+        raise CheckpointError(f'{path}: {ema.class_name}.model is {getattr(model, "class_name", model)!r}, '
+                              f'expected {model_type}')
+    try:
+        net = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path}: cannot rebuild {ema.class_name}(**{kwargs}): {e}') from None
+    _load_state(net, _state_dict(ema), path)
+    net.edm_init_kwargs = kwargs
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers UNet2DModel directories
+
+DIFFUSERS_PREDICTIONS = {'epsilon': 'noise', 'sample': 'data', 'v_prediction': 'v'}
+
+
+class DiffusersUNet(torch.nn.Module):
+    """model(x_t, t_input, class_labels) around a diffusers UNet2DModel; one-hot labels become
+    the class indices diffusers expects."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x_t, t_input, class_labels=None):
+        labels = None if class_labels is None else class_labels.argmax(dim=1)
+        return self.unet(x_t, t_input, class_labels=labels).sample
+
+
+def _load_diffusers(path):
+    try:
+        import diffusers
+    except ImportError:
+        raise CheckpointError(f"{path}: a diffusers model needs the optional package: pip install '.[diffusers]'") from None
+    sub = 'unet' if os.path.isfile(os.path.join(path, 'unet', 'config.json')) else ''
+    scheduler_file = next((f for f in (os.path.join(path, 'scheduler', 'scheduler_config.json'),
+                                       os.path.join(path, 'scheduler_config.json')) if os.path.isfile(f)), None)
+    if scheduler_file is None:
+        raise CheckpointError(f'{path}: no scheduler_config.json (or scheduler/scheduler_config.json): the noise schedule '
+                              'of the model is needed to turn it into a denoiser')
+    try:
+        with open(scheduler_file) as f:
+            scheduler_config = json.load(f)
+        unet = diffusers.UNet2DModel.from_pretrained(path, subfolder=sub or None, low_cpu_mem_usage=False)
+        # diffusers' own betas for the config (linear, scaled_linear, squaredcos_cap_v2, trained_betas, ...)
+        scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{path}: cannot load the diffusers UNet2DModel and its scheduler ({first})') from None
+    kind = scheduler.config.prediction_type
+    if kind not in DIFFUSERS_PREDICTIONS:
+        raise CheckpointError(f'{path}: {scheduler_file}: prediction_type {kind!r} is not one of {", ".join(DIFFUSERS_PREDICTIONS)}')
+    noise_schedule = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64))
+    net = precond.VPModelDenoiser(DiffusersUNet(unet), noise_schedule, prediction=DIFFUSERS_PREDICTIONS[kind],
+                                  discrete_time=True)
+    size = unet.config.sample_size
+    net.img_resolution = size if isinstance(size, int) else size[0]
+    net.img_channels = unet.config.in_channels
+    net.label_dim = unet.config.num_class_embeds or 0
+    return net

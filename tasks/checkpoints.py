@@ -135,15 +135,22 @@ def _storage_from_bytes(data):
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def _latin1_bytes(text, encoding='latin1'):
+    """How pickle protocols 0-2 spell bytes: _codecs.encode(text, 'latin1'); nothing else."""
+    if encoding != 'latin1' or not isinstance(text, str):
+        raise pickle.UnpicklingError(f'refused _codecs.encode with encoding {encoding!r}')
+    return text.encode('latin1')
+
+
 _EDM_GLOBALS = {
+    '_codecs.encode': _latin1_bytes,
     'torch_utils.persistence._reconstruct_persistent_obj': PersistentRecord,
     'torch._utils._rebuild_tensor_v2': torch._utils._rebuild_tensor_v2,
     'torch._utils._rebuild_parameter': torch._utils._rebuild_parameter,
     'torch._utils._rebuild_parameter_with_state': torch._utils._rebuild_parameter_with_state,
     'torch.storage._load_from_bytes': _storage_from_bytes,
     'collections.OrderedDict': dict,
-    'builtins.set': set,
-    'builtins.frozenset': frozenset,
+    **{f'{builtins}.{t.__name__}': t for builtins in ('builtins', '__builtin__') for t in (set, frozenset)},
     'torch.Size': torch.Size,
     'torch.device': torch.device,
     'dnnlib.util.EasyDict': dict,

@@ -12,32 +12,32 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from tasks import calibration
+from tasks import calibration, checkpoints
 from tasks import data as data_mod
-from tasks import train as tasks_train
 
 
 @ray.remote
 class CalibrationActor:
-    def __init__(self, network_path, images, labels, num_classes, generation=None):
+    def __init__(self, model, images, labels, num_classes, generation=None):
         self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        self.net = tasks_train.load_denoiser(network_path).to(self.device)
+        self.net = checkpoints.load_denoiser(model['network'], model['format']).to(self.device)
         self.images, self.labels, self.num_classes = images, labels, num_classes
         self.generation = generation  # source 'generated': image i is the sample of seed i
 
     def estimate(self, segments, sigmas, kwargs):
         """segments: {segment index: chunk indices}. Returns {segment index: table state}."""
         chunks = data_mod.partition(kwargs['num_images'], kwargs['chunk_size'])
-        images = self.images
-        if self.generation is not None:
+        images, labels = self.images, self.labels
+        if self.generation is not None:  # a conditional model's samples carry the class their seed drew
             images = torch.zeros(kwargs['num_images'], *self.generation['shape'], dtype=torch.uint8)
+            labels = torch.zeros(kwargs['num_images'], dtype=torch.long)
             for c in (c for group in segments.values() for c in group):
                 rows = chunks[c]
                 ds = calibration.generated_dataset(self.net, len(rows), seeds=range(rows.start, rows.stop), device=self.device,
                                                    **self.generation['sampler'])
-                images[rows.start:rows.stop] = ds.images
+                images[rows.start:rows.stop], labels[rows.start:rows.stop] = ds.images, ds.labels
         return {s: calibration.estimate_table(
-                    self.net, images, sigmas, labels=self.labels, num_classes=self.num_classes, chunk_size=kwargs['chunk_size'],
+                    self.net, images, sigmas, labels=labels, num_classes=self.num_classes, chunk_size=kwargs['chunk_size'],
                     chunk_indices=group, seed=kwargs['seed'], noise_draws=kwargs['noise_draws'], flips=kwargs['flips'],
                     batch_size=kwargs['batch_size'], device=self.device, meta=kwargs['meta']).state()
                 for s, group in segments.items()}
@@ -50,9 +50,10 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(network_path, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print):
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
-    spec_calibrate.counts(), with spec_calibrate.actors actors.
+    spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
+    (network path and format). Tables are per class when calibrate.per_class asks for it.
     kill_actor_for_test: index of an actor to kill right after its work was submitted (tests
     the recomputation path)."""
     c = spec_calibrate
@@ -68,11 +69,12 @@ def run_calibration(network_path, dataset, spec_calibrate, source, sigmas, meta,
     if source == 'generated':
         generation = dict(shape=(dataset.channels, dataset.resolution, dataset.resolution), sampler=dict(c.generation))
     else:
-        images_ref = ray.put(dataset.images[:n])
+        images_ref, labels_ref = ray.put(dataset.images[:n]), ray.put(dataset.labels[:n])
+    num_classes = dataset.num_classes if True in c.per_class_options() else 0
     kwargs = dict(chunk_size=c.chunk_size, seed=c.seed, noise_draws=c.noise_draws, flips=c.flips, batch_size=c.batch_size,
                   num_images=n, meta=dict(meta, source=source))
     options = dict(num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor)
-    make_actor = lambda: CalibrationActor.options(**options).remote(network_path, images_ref, labels_ref, 0, generation)
+    make_actor = lambda: CalibrationActor.options(**options).remote(model, images_ref, labels_ref, num_classes, generation)
     actors = [make_actor() for _ in groups]
     pending = {actor.estimate.remote(w, sigmas, kwargs): i for i, (actor, w) in enumerate(zip(actors, work))}
     if kill_actor_for_test is not None:

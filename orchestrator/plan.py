@@ -60,7 +60,8 @@ def make_plan(spec, results_root):
 
     data = asdict(spec.data)
     if spec.model.checkpoint:
-        model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint)), 'none (reads model.checkpoint)')
+        model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint), format=spec.model.format),
+                    'none (reads model.checkpoint)')
     else:
         t = spec.train
         gpu = {'true': 'GPU', 'false': 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[str(t.use_gpu).lower()]
@@ -74,9 +75,12 @@ def make_plan(spec, results_root):
                         f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}', [model])
     if spec.sweep is not None:
         e = spec.evaluate
-        reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
-                                          weights=e.inception_weights, features=e.kid or e.precision_recall),
-                        f'1 process; {e.reference_images} images')
+        if e.reference_stats:
+            reference = add('reference', dict(stats_sha256=sha256_file(e.reference_stats)), 'none (reads evaluate.reference_stats)')
+        else:
+            reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
+                                              weights=e.inception_weights, features=e.kid or e.precision_recall),
+                            f'1 process; {e.reference_images} images')
         r = spec.sweep.resources
         add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
                     f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '

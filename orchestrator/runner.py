@@ -14,8 +14,7 @@ import torch
 
 from orchestrator import figures, plan, results
 from orchestrator.spec import SpecError, sampler_kwargs, stable_hash, table_key
-from tasks import calibration, data, metrics
-from tasks import train as tasks_train
+from tasks import calibration, checkpoints, data, metrics
 from tasks.files import atomic_write
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
@@ -96,21 +95,38 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
 def _train(spec, stage, state, dataset, hooks, log):
     from orchestrator.train import run_train_stage
     network, device = run_train_stage(spec, stage.dir, fail_once_at_kimg=hooks.get('train_fail_once_at_kimg'))
-    return dict(network=os.path.abspath(network), device=device)
+    return dict(network=os.path.abspath(network), format='network.pt', device=device)
 
 
 def _checkpoint(spec, stage, state, dataset, hooks, log):
-    return dict(network=os.path.abspath(spec.model.checkpoint), device=None)
+    fmt = spec.model.format or checkpoints.detect_format(spec.model.checkpoint)
+    net = checkpoints.load_denoiser(spec.model.checkpoint, fmt)  # fails here, before any work, if it cannot load
+    log(f'model: {spec.model.checkpoint} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
+        f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g})')
+    return dict(network=os.path.abspath(spec.model.checkpoint), format=fmt, device=None, sha256=net.source['sha256'])
 
 
 def _model_outputs(state):
     return state.get('train') or state['checkpoint']
 
 
+def _load_model(state):
+    model = _model_outputs(state)
+    return checkpoints.load_denoiser(model['network'], model['format'])
+
+
 def _calibrate(spec, stage, state, dataset, hooks, log):
     from orchestrator.calibrate import run_calibration
-    network = _model_outputs(state)['network']
-    net = tasks_train.load_denoiser(network)
+    net = _load_model(state)
+    if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
+        raise SpecError(f'{spec.path}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+                        f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
+                        '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
+    if True in spec.calibrate.per_class_options() and 'generated' in spec.calibrate.sources() and not net.label_dim:
+        raise SpecError(f'{spec.path}: calibrate.per_class: generated images of an unconditional model have no classes')
+    if net.label_dim and net.label_dim != dataset.num_classes:
+        raise SpecError(f'{spec.path}: data: the model is conditional on {net.label_dim} classes, {spec.data.name} has '
+                        f'{dataset.num_classes}')
     grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in spec.trials() if t['calibrated']]
     if not grids:  # no sweep: a default grid for inspection (EDM's 18-step sampler)
         grids = [calibration.queried_sigmas('edm', net, num_steps=18)]
@@ -119,7 +135,8 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
     meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
     tables = {}
     for source in spec.calibrate.sources():
-        by_count = run_calibration(network, dataset, spec.calibrate, source, sigmas, meta, hooks.get('kill_calibration_actor'), log)
+        by_count = run_calibration(_model_outputs(state), dataset, spec.calibrate, source, sigmas, meta,
+                                   hooks.get('kill_calibration_actor'), log)
         for n, table in by_count.items():
             path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
             table.save(path)
@@ -130,6 +147,10 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
 
 def _reference(spec, stage, state, dataset, hooks, log):
     e = spec.evaluate
+    if e.reference_stats:
+        stats = metrics.load_reference_statistics(e.reference_stats)
+        log(f'reference: published statistics {e.reference_stats} (sha256 {stats["sha256"][:16]}...)')
+        return dict(stats=stats['source'], count=stats['count'], sha256=stats['sha256'], weights_sha256=None)
     ref = data.load_dataset(**dict(dataclasses.asdict(spec.data), split=e.reference_split, limit=e.reference_images))
     extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(e.inception_weights),
                                           batch_size=e.batch_size, device='cuda' if torch.cuda.is_available() else 'cpu')
@@ -147,11 +168,11 @@ def _sweep(spec, stage, state, dataset, hooks, log):
     import ray
     from orchestrator.sweep import run_sweep
     e = spec.evaluate
-    with np.load(state['reference']['stats']) as f:
-        reference = dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']))
-        if 'features' in f:
+    reference = metrics.load_reference_statistics(state['reference']['stats'])
+    if e.kid or e.precision_recall:
+        with np.load(state['reference']['stats'], allow_pickle=False) as f:
             reference['features'] = torch.from_numpy(f['features'])
-    context = dict(network=_model_outputs(state)['network'], tables=state.get('calibrate', {}).get('tables', {}),
+    context = dict(model=_model_outputs(state), tables=state.get('calibrate', {}).get('tables', {}), class_idx=e.class_idx,
                    reference=ray.put(reference), num_images=e.num_images, seed_blocks=e.seed_blocks, batch_size=e.batch_size,
                    kid=e.kid, precision_recall=e.precision_recall, inception_weights=e.inception_weights)
     rows = run_sweep(spec.trials(), context, spec.sweep.resources, stage.dir)
@@ -167,7 +188,7 @@ STAGES = dict(train=_train, checkpoint=_checkpoint, calibrate=_calibrate, refere
 # describe the stages of the last run).
 
 def _write_train_log(spec, stage, state, root, prov):
-    blob = torch.load(state[stage.name]['network'], map_location='cpu', weights_only=False)
+    blob = checkpoints.load_torch_file(state[stage.name]['network'])
     rows = [dict(r, config=blob['config']) for r in blob.get('log', [])]
     results.write_table(root, spec.experiment, 'train_log', rows, dict(prov, device=state[stage.name]['device']))
 

@@ -25,7 +25,7 @@ from typing import Optional
 import yaml
 
 from tasks import data as data_mod
-from tasks import networks, precond
+from tasks import checkpoints, metrics, networks, precond
 
 
 class SpecError(ValueError):
@@ -47,7 +47,8 @@ class ModelSpec:
     preset: str = 'ddpmpp-tiny'
     precond: str = 'edm'
     overrides: dict = field(default_factory=dict)
-    checkpoint: Optional[str] = None       # a network.pt from tasks.train: no training stage
+    checkpoint: Optional[str] = None       # an existing model (no training stage): network.pt, EDM .pkl, diffusers dir
+    format: Optional[str] = None           # tasks.checkpoints.FORMATS; detected from the file when not given
 
 
 @dataclass
@@ -83,6 +84,9 @@ class CalibrateSpec:
     generation: dict = field(default_factory=lambda: dict(sampler='edm', num_steps=18))
     batch_size: int = 500
     seed: int = 0
+    # Per-class terms E_{q_t}[eps | y] (Calib Sec. 3.2): true, false, or [false, true] to compare
+    # pooled with per-class calibration in the sweep (one estimate serves both).
+    per_class: object = False
 
     def counts(self):
         return sorted(set(self.images)) if isinstance(self.images, list) else [self.images]
@@ -93,6 +97,9 @@ class CalibrateSpec:
     def tables(self):
         """(source, image count) of every table the stage estimates."""
         return [(source, n) for source in self.sources() for n in self.counts()]
+
+    def per_class_options(self):
+        return list(dict.fromkeys(self.per_class)) if isinstance(self.per_class, list) else [self.per_class]
 
 
 @dataclass
@@ -112,6 +119,10 @@ class EvaluateSpec:
     kid: bool = False
     precision_recall: bool = False
     inception_weights: Optional[str] = None
+    # Published FID statistics (.npz with mu [2048], sigma [2048, 2048]: EDM's fid-refs, pytorch-fid,
+    # ADM) used instead of statistics of `data`.
+    reference_stats: Optional[str] = None
+    class_idx: Optional[int] = None        # conditional models: this class for every image (YAML key `class` too)
 
 
 @dataclass
@@ -147,6 +158,7 @@ class Spec:
         if self.sweep is None:
             return []
         tables = self.calibrate.tables() if self.calibrate is not None else []
+        per_class = self.calibrate.per_class_options() if self.calibrate is not None else [False]
         out = []
         for entry in self.sweep.samplers:
             keys = list(entry)
@@ -155,12 +167,13 @@ class Spec:
                 for calibrated in self.sweep.calibrated:
                     if not calibrated:
                         out.append(dict(zip(keys, values), calibrated=False))
-                    for source, n in tables if calibrated else ():
-                        out.append(dict(zip(keys, values), calibrated=True, calibration_source=source, calibration_images=n))
+                    for (source, n), pc in itertools.product(tables, per_class) if calibrated else ():
+                        out.append(dict(zip(keys, values), calibrated=True, calibration_source=source, calibration_images=n,
+                                        calibration_per_class=pc))
         return out
 
 
-TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images')
+TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images', 'calibration_per_class')
 
 
 def sampler_kwargs(trial):
@@ -229,11 +242,20 @@ def _check_type(path, where, value, annotation):
     return value
 
 
+# YAML keys that are Python keywords (EDM generate.py's --class).
+ALIASES = {'evaluate': {'class': 'class_idx'}}
+
+
 def _section(path, name, raw, cls):
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         _fail(path, name, f'expected a mapping of settings, got {raw!r}')
+    for alias, key in ALIASES.get(name, {}).items():
+        if alias in raw:
+            if key in raw:
+                _fail(path, f'{name}.{alias}', f'give either {alias} or {key}, not both')
+            raw = {(key if k == alias else k): v for k, v in raw.items()}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
@@ -281,8 +303,15 @@ def _validate(spec, path):
     _positive(path, 'data.limit', d.limit)
     _choice(path, 'model.preset', m.preset, sorted(networks.PRESETS))
     _choice(path, 'model.precond', m.precond, list(precond.PRECONDS))
-    if m.checkpoint is not None and not os.path.isfile(m.checkpoint):
-        _fail(path, 'model.checkpoint', f'{m.checkpoint} does not exist (a network.pt written by training)')
+    if m.format is not None:
+        _choice(path, 'model.format', m.format, checkpoints.FORMATS)
+    if m.checkpoint is not None:
+        try:
+            detected = checkpoints.detect_format(m.checkpoint)
+        except checkpoints.CheckpointError as e:
+            _fail(path, 'model.checkpoint', str(e))
+        if m.format is not None and m.format != detected:
+            _fail(path, 'model.format', f'{m.format!r}, but {m.checkpoint} is a {detected} file')
     for key in ('kimg', 'batch_size', 'lr', 'workers', 'cpus_per_worker', 'kimg_per_tick', 'checkpoint_ticks'):
         _positive(path, f'train.{key}', getattr(t, key))
     _positive(path, 'train.max_failures', t.max_failures, allow_zero=True)
@@ -298,6 +327,10 @@ def _validate(spec, path):
         _positive(path, 'calibrate.cpus_per_actor', c.cpus_per_actor, allow_zero=True)
         for i, source in enumerate(c.source if isinstance(c.source, list) else [c.source]):
             _choice(path, 'calibrate.source' + (f'[{i}]' if isinstance(c.source, list) else ''), source, ('data', 'generated'))
+        for i, value in enumerate(c.per_class_options()):
+            if not isinstance(value, bool):
+                _fail(path, 'calibrate.per_class' + (f'[{i}]' if isinstance(c.per_class, list) else ''),
+                      f'expected true or false, got {value!r}')
         counts = c.images if isinstance(c.images, list) else [c.images]
         if not counts:
             _fail(path, 'calibrate.images', 'empty list: give at least one image count')
@@ -338,6 +371,15 @@ def _validate(spec, path):
         _fail(path, 'evaluate.num_images', 'FID needs at least 2 images on each side')
     if e.inception_weights is not None and not os.path.isfile(e.inception_weights):
         _fail(path, 'evaluate.inception_weights', f'{e.inception_weights} does not exist')
+    if e.reference_stats is not None:
+        try:
+            metrics.load_reference_statistics(e.reference_stats)
+        except metrics.MetricsError as err:
+            _fail(path, 'evaluate.reference_stats', str(err))
+        if e.kid or e.precision_recall:
+            _fail(path, 'evaluate.reference_stats', 'KID and precision/recall compare features, which a statistics file '
+                                                    'does not hold: set kid and precision_recall to false')
+    _positive(path, 'evaluate.class_idx', e.class_idx, allow_zero=True)
 
 
 def _check_trials(spec, path):

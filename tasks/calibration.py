@@ -283,10 +283,13 @@ def generated_dataset(net, num_images, sampler='edm', seeds=None, batch_size=64,
 
 class CalibratedDenoiser:
     """D_cal(x; sigma) = D(x; sigma) - c(sigma), c from a CalibrationTable (exact grid lookup;
-    log-sigma interpolation only when `interpolate`) or from an OffsetNet (dynamic recording)."""
+    log-sigma interpolation only when `interpolate`) or from an OffsetNet (dynamic recording).
+    With a per-class table and class labels, c is the class's own term (Calib Sec. 3.2) unless
+    per_class=False, which subtracts the pooled term."""
 
-    def __init__(self, net, calibration, interpolate=False, context=''):
+    def __init__(self, net, calibration, interpolate=False, context='', per_class=True):
         self.net, self.calibration, self.interpolate, self.context = net, calibration, interpolate, context
+        self.per_class = per_class
         self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
         for attr in ('img_channels', 'img_resolution', 'label_dim'):
             if hasattr(net, attr):
@@ -296,6 +299,7 @@ class CalibratedDenoiser:
         return self.net.round_sigma(sigma)
 
     def offset(self, sigma, class_labels=None):
+        class_labels = class_labels if self.per_class else None
         if isinstance(self.calibration, CalibrationTable):
             return self.calibration.lookup(sigma, class_labels, self.interpolate, self.context)
         return self.calibration.offset(sigma, class_labels)

@@ -280,6 +280,37 @@ def inception_score(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Reference statistics and evaluation of a sampler.
 
+def load_reference_statistics(path, dim=2048):
+    """Published FID statistics: an .npz with `mu` [dim] and `sigma` [dim, dim] (EDM's
+    fid-refs/*.npz, pytorch-fid's and ADM's statistics files), read without pickle and checked
+    for shape, symmetry and finiteness. Returns dict(mu, sigma, count (None unless the file has
+    `count`), sha256, source)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, 'files'):
+                raise ValueError('a single .npy array, not an .npz archive')
+            missing = [k for k in ('mu', 'sigma') if k not in f.files]
+            if missing:
+                raise MetricsError(f'{path}: has no {" or ".join(missing)} (keys: {", ".join(f.files)}); expected the '
+                                   f'mean `mu` [{dim}] and covariance `sigma` [{dim}, {dim}] of Inception pool features')
+            mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+            count = int(f['count']) if 'count' in f.files else None
+    except FileNotFoundError:
+        raise MetricsError(f'{path}: no such file') from None
+    except MetricsError:
+        raise
+    except Exception as e:  # a zip that is not an npz, a pickled array (refused), a truncated file
+        raise MetricsError(f'{path}: not an .npz of FID statistics ({type(e).__name__}: {e})') from None
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise MetricsError(f'{path}: mu has shape {list(mu.shape)} and sigma {list(sigma.shape)}; expected [{dim}] and '
+                           f'[{dim}, {dim}] (2048-d pool features of the FID Inception network)')
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise MetricsError(f'{path}: mu or sigma holds NaN or infinite values')
+    if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
+        raise MetricsError(f'{path}: sigma is not symmetric, so it is not a covariance matrix')
+    return dict(mu=mu, sigma=sigma, count=count, sha256=sha256_file(path), source=os.path.abspath(path))
+
+
 def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False):
     """Mean and covariance of `dataset`'s features (tasks.data.ImageDataset, uint8), computed once
     and cached under a key of the dataset's content hash and the weights' sha256."""

@@ -69,7 +69,7 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(train__use_gpu='maybe'), "train.use_gpu: 'maybe' is not one of: auto, true, false"),
     (dict(data__name='fashion_mnist'), "data.name: 'fashion_mnist' is not one of: fashion-mnist"),
     (dict(model__preset='ddpmpp-huge'), "model.preset: 'ddpmpp-huge' is not one of"),
-    (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt does not exist'),
+    (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt: no such model file or directory'),
     (dict(experiment=DELETE), 'experiment: missing'),
     (dict(experiment='has space'), 'experiment: expected a name'),
     (dict(calibrate=DELETE), 'sweep.calibrated: calibrated trials need a `calibrate:` section'),

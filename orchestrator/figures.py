@@ -35,7 +35,8 @@ def calibration_label(row):
     if not row['calibrated']:
         return 'no'
     source, n = row.get('calibration_source'), row.get('calibration_images')
-    return 'yes' if source is None or n is None or n != n else f'{source}, {int(n)} images'
+    per_class = ', per class' if row.get('calibration_per_class') is True else ''
+    return f'yes{per_class}' if source is None or n is None or n != n else f'{source}, {int(n)} images{per_class}'
 
 
 SOURCE_STYLE = {None: '--', 'data': '--', 'generated': ':'}
@@ -50,7 +51,13 @@ def _with_labels(df):
 
 def _axis_label(df, metric):
     label = 'FID' if metric == 'fid' else 'Frechet distance (NOT FID: other features)'
-    return f'{label}, {int(df["num_samples"].iloc[0])} samples vs {int(df["reference_count"].iloc[0])} reference'
+    return f'{label}, {int(df["num_samples"].iloc[0])} samples vs {_reference_words(df)}'
+
+
+def _reference_words(df):
+    """'500 reference images', or the published statistics file's (which need not say a count)."""
+    count = df['reference_count'].iloc[0]
+    return 'published reference statistics' if count is None or count != count else f'{int(count)} reference images'
 
 
 def _save(fig, ax, path):
@@ -119,9 +126,9 @@ def sweep_markdown(df):
     for (solver, calibration), g in sorted(df.groupby(['solver', 'calibration']), key=order):
         cells = [f'{g[g["nfe"] == n][metric].iloc[0]:.2f}' if (g['nfe'] == n).any() else '' for n in nfes]
         lines.append(f'| {solver} | {calibration} | ' + ' | '.join(cells) + ' |')
-    n, ref = int(df['num_samples'].iloc[0]), int(df['reference_count'].iloc[0])
+    n = int(df['num_samples'].iloc[0])
     what = 'FID (Inception-v3 2015-12-05)' if metric == 'fid' else f'Frechet distance on {df["feature_extractor"].iloc[0]} (not FID)'
-    lines.append(f'\n{what}, {n} generated images (seeds 0..{n - 1}) against {ref} reference images.')
+    lines.append(f'\n{what}, {n} generated images (seeds 0..{n - 1}) against {_reference_words(df)}.')
     return '\n'.join(lines)
 
 

@@ -60,7 +60,10 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
     os.makedirs(exp_dir, exist_ok=True)
     results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
-    dataset = data.load_dataset(**dataclasses.asdict(spec.data))
+    # The data are read only by the stages that need them: training, calibration, and reference
+    # statistics not given as a published file (a pretrained model with published statistics needs none).
+    needs_data = not spec.model.checkpoint or spec.calibrate is not None or (spec.sweep and not spec.evaluate.reference_stats)
+    dataset = data.load_dataset(**dataclasses.asdict(spec.data)) if needs_data else None
     c = spec.calibrate
     if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
         raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '

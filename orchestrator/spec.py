@@ -6,11 +6,12 @@ path and what was expected; unknown keys are errors with a "did you mean".
     experiment: quickstart          # name: results go to <results>/<experiment>/
     seed: 0
     data:      {name, root, split, pad_to_32, resolution, limit}
-    model:     {preset, precond, overrides, checkpoint}   # checkpoint: use a trained network.pt
+    model:     {preset, precond, overrides, checkpoint, format}   # checkpoint: network.pt, EDM .pkl or diffusers dir
     train:     {kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, workers, use_gpu, bf16, ...}
-    calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size}
+    calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size, per_class}
     sweep:     {samplers: [{sampler: ..., <param>: value or [values]}], calibrated: [false, true], resources}
-    evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights}
+    evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights,
+                reference_stats, class}
     report:    {figures}
 """
 import dataclasses

@@ -269,7 +269,8 @@ def dpm_solver_sampler(net, latents, class_labels=None, steps=20, order=3, metho
 
     noise_schedule (default: continuous linear VP, beta 0.1..20) defines time: the grid is
     uniform in logSNR / t / sqrt(t) between t_start (default T = 1) and t_end (default: the
-    reference's 1e-3 when steps <= 15 else 1e-4; 1/N for discrete schedules). The start is
+    recommendation of the reference's docstring, 1e-3 when steps <= 15 else 1e-4; 1/N for discrete
+    schedules). The start is
     x_T = latents / alpha_T (the VP prior N(0, I) in x' space) and, as in the reference, the
     returned sample is x_{t_end} = alpha_{t_end} x' (or D(x'; sigma(t_end)) with denoise_to_zero).
     """

@@ -217,8 +217,9 @@ class VPLinearNoiseSchedule(DPMNoiseSchedule):
         return tmp / (delta.sqrt() + self.beta_0) / (self.beta_1 - self.beta_0)
 
     def default_t_end(self, steps):
-        """The reference's recommendation for continuous-time models: 1e-3 when steps <= 15,
-        else 1e-4."""
+        """The recommendation of the reference's docstring for continuous-time models: 1e-3 when
+        steps <= 15, else 1e-4 (its code defaults to 1/N; Calib Table 1 used 1e-4 from 15 steps
+        on, which its specs give as t_end)."""
         return 1e-3 if steps <= 15 else 1e-4
 
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from orchestrator import results, runner, spec
-from tasks import calibration, data
+from tasks import calibration, checkpoints, data
 from tasks import train as tasks_train
 
 pytestmark = pytest.mark.ray
@@ -58,7 +58,7 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     network, device = run_train_stage(s, str(failed_dir), fail_once_at_kimg=0.096)
     assert (failed_dir / 'workers' / FAILURE_MARKER).exists()  # it did fail once
     clean, _ = run_train_stage(s, str(clean_dir))
-    a, b = torch.load(network, weights_only=False), torch.load(clean, weights_only=False)
+    a, b = torch.load(network, weights_only=True), torch.load(clean, weights_only=True)
     assert a['cur_nimg'] == b['cur_nimg'] == 128 and device == 'cpu'
     for name in a['ema']:
         assert torch.equal(a['ema'][name], b['ema'][name]), name
@@ -79,9 +79,9 @@ def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
     from orchestrator.calibrate import run_calibration
     ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=64)
     tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.032, kimg_per_tick=0.016), ds, str(tmp_path), progress=False)
-    network = str(tmp_path / tasks_train.NETWORK)
+    network = dict(network=str(tmp_path / tasks_train.NETWORK), format='network.pt')
     s = _spec(tmp_path, calibrate=dict(TINY['calibrate'], images=[16, 48]))
-    net = tasks_train.load_denoiser(network)
+    net = checkpoints.load_denoiser(network['network'])
     sigmas = calibration.queried_sigmas('dpm_solver', net, steps=4, order=2, method='multistep')
     messages = []
     whole = run_calibration(network, ds, s.calibrate, 'data', sigmas, dict(dataset='x'), log=messages.append)
@@ -107,6 +107,46 @@ def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
     expected_sum_y = data.to_model_range(samples).to(torch.float64).sum(0)
     # (a pixel may round to the next uint8 level across thread counts: 2/255 in model range)
     assert float((gen[8].sum_y[0, 0] - expected_sum_y).abs().max()) <= 0.02
+
+
+SNAPSHOTS = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'edm-snapshots')
+CIFAR_NPZ = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10', 'derived',
+                         'cifar10_batch_prefixes_subset.npz')
+
+
+@pytest.mark.skipif(not (os.path.isdir(SNAPSHOTS) and os.path.isfile(CIFAR_NPZ)),
+                    reason='../shared/data (EDM snapshots, CIFAR-10 subset) is not beside this checkout')
+def test_edm_snapshot_calibrated_and_swept_end_to_end(ray_cluster, tmp_path):
+    """A conditional EDM snapshot (ADM, written by EDM's own code) through the orchestrator:
+    calibrated on CIFAR-10 images with their labels, per class and pooled from one estimate,
+    swept with labels drawn per seed, measured against published-format statistics."""
+    import numpy as np
+    stats = tmp_path / 'stats.npz'
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+    raw = dict(experiment='edm-fixture', seed=0,
+               data=dict(name='cifar10-npz', root=CIFAR_NPZ, resolution=16),
+               model=dict(checkpoint=os.path.join(SNAPSHOTS, 'adm-edm-cond.pkl')),
+               calibrate=dict(images=20, chunk_size=10, actors=2, batch_size=10, per_class=[False, True]),
+               sweep=dict(samplers=[dict(sampler='edm', num_steps=3)], calibrated=[False, True]),
+               evaluate=dict(num_images=4, batch_size=4, reference_stats=str(stats)))
+    path = tmp_path / 'edm.yaml'
+    path.write_text(yaml.safe_dump(raw))
+    s = spec.load(str(path))
+    root = str(tmp_path / 'results')
+    stages = runner.run(s, results_root=root)
+    assert [st.name for st in stages] == ['checkpoint', 'calibrate', 'reference', 'sweep']
+    sweep = results.read_table(root, 'edm-fixture', 'sweep')
+    assert len(sweep) == 3 and sweep['fid'].notna().all() and (sweep['nfe'] == 5).all()
+    assert set(sweep['calibration_per_class'].dropna()) == {False, True}
+    assert (sweep['reference_sha256'] == checkpoints.sha256_file(str(stats))).all()
+    table = calibration.CalibrationTable.load(next(iter(runner.plan.make_plan(s, root)[1].outputs()['tables'].values())))
+    assert table.num_classes == 10 and int(table.count.sum(0)[0]) == 20
+    # Per-class and pooled calibration differ, and the pooled term is the class-weighted mean.
+    assert len(set(sweep['fid'].round(6))) == 3
+    pooled = table.offset()[0]
+    per_class = table.offset(per_class=True)
+    weights = table.count[:, 0].to(torch.float64) / 20
+    assert torch.allclose((weights.reshape(-1, 1, 1, 1, 1) * per_class.nan_to_num()).sum(0), pooled, atol=1e-9)
 
 
 @needs_fashion

@@ -303,7 +303,7 @@ def test_dynamic_recording_during_training(tmp_path):
                                dynamic_recording=True, recording_table=str(tmp_path / 'ref.pt'))
     log = train.train(config, ds, str(tmp_path / 'run'), progress=False)
     assert all('offset_mse' in r and math.isfinite(r['offset_mse']) for r in log)
-    blob = torch.load(tmp_path / 'run' / train.NETWORK, weights_only=False)
+    blob = torch.load(tmp_path / 'run' / train.NETWORK, weights_only=True)
     assert blob['offset_net'] is not None
 
 

@@ -57,8 +57,8 @@ def test_resume_continues_exactly(tmp_path):
     train.train(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'straight'), progress=False)
     train.train(train.TrainConfig(total_kimg=0.128, **kw), ds, str(tmp_path / 'resumed'), progress=False)
     train.train(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'resumed'), progress=False)
-    a = torch.load(tmp_path / 'straight' / train.CHECKPOINT, weights_only=False)
-    b = torch.load(tmp_path / 'resumed' / train.CHECKPOINT, weights_only=False)
+    a = torch.load(tmp_path / 'straight' / train.CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / 'resumed' / train.CHECKPOINT, weights_only=True)
     assert a['cur_nimg'] == b['cur_nimg'] == 256
     for key in ('net', 'ema'):
         for name in a[key]:

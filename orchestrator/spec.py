@@ -306,6 +306,8 @@ def _validate(spec, path):
     _choice(path, 'model.precond', m.precond, list(precond.PRECONDS))
     if m.format is not None:
         _choice(path, 'model.format', m.format, checkpoints.FORMATS)
+        if m.checkpoint is None:
+            _fail(path, 'model.format', 'says the format of model.checkpoint, which is not given')
     if m.checkpoint is not None:
         try:
             detected = checkpoints.detect_format(m.checkpoint)

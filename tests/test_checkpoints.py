@@ -150,6 +150,10 @@ def test_shape_mismatch_and_wrong_files_name_the_file(tmp_path):
     write_edm_snapshot(path, net, bad_init, dict(model_init, model_channels=32))
     with pytest.raises(checkpoints.CheckpointError, match=r'wrong\.pkl: the stored tensors do not fit VPPrecond'):
         checkpoints.load_denoiser(path)
+    truncated = tmp_path / 'truncated.pkl'
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(checkpoints.CheckpointError, match=r'truncated\.pkl: cannot read as an EDM snapshot'):
+        checkpoints.load_denoiser(truncated)
     junk = tmp_path / 'junk.bin'
     junk.write_bytes(os.urandom(256))
     with pytest.raises(checkpoints.CheckpointError, match=r'junk\.bin: not a model file'):

@@ -230,3 +230,29 @@ def test_model_and_reference_files_are_checked(tmp_path):
         spec.load(_write(tmp_path, _with(evaluate__reference_stats=files['stats'], evaluate__kid=True), 'k.yaml'))
     s = spec.load(_write(tmp_path, _with(evaluate__reference_stats=files['stats'], **{'evaluate__class': 3}), 'c.yaml'))
     assert s.evaluate.class_idx == 3
+
+
+def test_every_format_round_trips_through_model_checkpoint(tmp_path):
+    """A spec's model.checkpoint in each format: the checkpoint stage detects the format, and the
+    stages downstream load the same D as tasks.checkpoints does directly."""
+    import torch
+    from tasks import checkpoints, data, train
+    files = standin_files(tmp_path)
+    images = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    toy = data.ImageDataset(images, torch.zeros(32, dtype=torch.long), 'toy', 1)
+    train.train(train.TrainConfig(batch_size=16, total_kimg=0.016, kimg_per_tick=0.016,
+                                  network_overrides=dict(model_channels=16, channel_mult=[1], attn_resolutions=[])),
+                toy, str(tmp_path / 'run'), progress=False)
+    files['network.pt'] = str(tmp_path / 'run' / train.NETWORK)
+    x = torch.randn(2, 3, 32, 32)
+    sigma = torch.tensor([0.5, 5.0], dtype=torch.float64)
+    for fmt in ('network.pt', 'edm-pkl', 'diffusers'):
+        if fmt not in files:
+            continue  # diffusers not installed (the optional extra)
+        s = spec.load(_write(tmp_path, _with(model__checkpoint=files[fmt]), f'{fmt}.yaml'))
+        outputs = runner._checkpoint(s, None, {}, None, {}, log=lambda *a: None)
+        assert outputs['format'] == fmt and outputs['sha256'] == checkpoints.sha256_file(files[fmt])
+        with torch.no_grad():
+            assert torch.equal(runner._load_model({'checkpoint': outputs})(x, sigma), checkpoints.load_denoiser(files[fmt])(x, sigma))
+    with pytest.raises(spec.SpecError, match='model.format: says the format of model.checkpoint'):
+        spec.load(_write(tmp_path, _with(model__format='edm-pkl'), 'f.yaml'))

@@ -8,10 +8,13 @@ segments at the counts, each actor returns one partial table per segment, and th
 count n_j merges segments 1..j. The driver merges in group and segment order, so the result
 does not depend on which actor finished first.
 """
+import os
+
 import ray
 import torch
 from ray.exceptions import RayActorError
 
+from orchestrator.spec import stable_hash
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
 
@@ -50,10 +53,12 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print):
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print, keep_dir=None):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
     spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
     (network path and format). Tables are per class when calibrate.per_class asks for it.
+    keep_dir: each finished chunk group's partial tables are kept there (the stage's folder, whose
+    hash covers everything that decides them), so a killed run recomputes only the rest.
     kill_actor_for_test: index of an actor to kill right after its work was submitted (tests
     the recomputation path)."""
     c = spec_calibrate
@@ -75,17 +80,27 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_a
                   num_images=n, meta=dict(meta, source=source))
     options = dict(num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor)
     make_actor = lambda: CalibrationActor.options(**options).remote(model, images_ref, labels_ref, num_classes, generation)
-    actors = [make_actor() for _ in groups]
-    pending = {actor.estimate.remote(w, sigmas, kwargs): i for i, (actor, w) in enumerate(zip(actors, work))}
+    kept = lambda i, s: os.path.join(keep_dir, f'partial-{source}-{stable_hash(work[i])}-{s}.pt')
+    partial = {}
+    for i in range(len(groups)) if keep_dir else ():
+        if all(os.path.isfile(kept(i, s)) for s in work[i]):
+            partial[i] = {s: calibration.CalibrationTable.load(kept(i, s)) for s in work[i]}
+    if partial:
+        log(f'calibrate ({source}): {len(partial)} of {len(groups)} chunk groups finished before and reused')
+    todo = [i for i in range(len(groups)) if i not in partial]
+    actors = {i: make_actor() for i in todo}
+    pending = {actors[i].estimate.remote(work[i], sigmas, kwargs): i for i in todo}
     if kill_actor_for_test is not None:
         ray.kill(actors[kill_actor_for_test])
-    partial = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
         chunks = len(groups[i])
         try:
             partial[i] = {s: calibration.CalibrationTable.from_state(state) for s, state in ray.get(ready[0]).items()}
+            ray.kill(actors.pop(i))  # its CPUs (or GPU share) go back to the cluster now
+            for s, table in partial[i].items() if keep_dir else ():
+                table.save(kept(i, s))
             log(f'calibrate ({source}): actor {i} done ({chunks} chunks); {len(partial)}/{len(groups)} groups')
         except RayActorError as e:
             log(f'calibrate ({source}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')

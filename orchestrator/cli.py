@@ -17,9 +17,11 @@ USER_ERRORS = (spec_mod.SpecError, FileNotFoundError)
 
 def _user_errors():
     from tasks.calibration import CalibrationError
+    from tasks.checkpoints import CheckpointError
     from tasks.data import DataError
     from tasks.metrics import MetricsError
-    return USER_ERRORS + (DataError, MetricsError, CalibrationError)
+    from orchestrator.runner import StageFailed
+    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, StageFailed)
 
 
 def cmd_validate(args):

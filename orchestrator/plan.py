@@ -22,7 +22,15 @@ class Stage:
     dir: str
     inputs: dict
     resources: str
-    depends: list = field(default_factory=list)
+    depends: dict = field(default_factory=dict)   # upstream stage name -> its hash
+    root: str = 'results'                          # the results root the plan was made for
+
+    @property
+    def trials_dir(self):
+        """Finished sweep trials of every experiment under this results root, by trial hash:
+        a trial whose settings, model, calibration table, evaluation and reference hash the same
+        is reused, whichever spec or run asked for it."""
+        return os.path.join(self.root, TRIALS_DIR)
 
     @property
     def done(self):
@@ -43,6 +51,9 @@ NOT_HASHED = dict(train=('cpus_per_worker', 'max_failures', 'use_gpu'),
                   evaluate=('batch_size',))
 
 
+TRIALS_DIR = '.trials'
+
+
 def _hashed(section, values):
     return {k: v for k, v in values.items() if k not in NOT_HASHED.get(section, ())}
 
@@ -54,7 +65,8 @@ def make_plan(spec, results_root):
 
     def add(name, inputs, resources, depends=()):
         h = stable_hash(dict(inputs, depends=[s.hash for s in depends]))
-        stage = Stage(name, h, os.path.join(base, f'{name}-{h}'), inputs, resources, [s.name for s in depends])
+        stage = Stage(name, h, os.path.join(base, f'{name}-{h}'), inputs, resources, {s.name: s.hash for s in depends},
+                      results_root)
         stages.append(stage)
         return stage
 
@@ -93,6 +105,16 @@ def _sweep_sigma_inputs(spec):
     """What decides the calibration grid: the calibrated trials' sampler settings."""
     settings = [dict(sampler_kwargs(t), sampler=t['sampler']) for t in spec.trials() if t['calibrated']]
     return [s for i, s in enumerate(settings) if s not in settings[:i]]
+
+
+def trial_hashes(stage, trials):
+    """The content hash of each sweep trial: its settings, the model, the calibration table it
+    uses (the calibrate stage's hash and the table's key), the evaluation settings and the
+    reference statistics."""
+    d = stage.depends
+    evaluate = stage.inputs['evaluate']
+    return [stable_hash(dict(trial=t, model=d.get('train') or d.get('checkpoint'), reference=d['reference'], evaluate=evaluate,
+                             calibration=d.get('calibrate') if t['calibrated'] else None)) for t in trials]
 
 
 def describe(stages):

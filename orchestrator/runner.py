@@ -18,6 +18,10 @@ from tasks import calibration, checkpoints, data, metrics
 from tasks.files import atomic_write
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
+
+
+class StageFailed(RuntimeError):
+    """A stage that finished with some of its work failed (named in the message)."""
 RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
 
 
@@ -73,12 +77,20 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
         start, reused = time.time(), stage.done
         log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
         os.makedirs(stage.dir, exist_ok=True)
-        if not reused:
-            outputs = STAGES[stage.name](spec, stage, state, dataset, hooks, log)
+        outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, hooks, log)
+        failed = outputs.get('failed')
+        if not reused and not failed:
             stage.mark_done(outputs)
-        state[stage.name] = stage.outputs()
+        state[stage.name] = outputs
         WRITERS.get(stage.name, lambda *a: None)(spec, stage, state, results_root, dict(prov, stage=stage.name, stage_hash=stage.hash))
-        timings.append(dict(stage=stage.name, status='reused' if reused else 'ran', seconds=time.time() - start))
+        timings.append(dict(stage=stage.name, status='reused' if reused else 'failed' if failed else 'ran',
+                            seconds=time.time() - start))
+        if failed:  # the rows that finished are in the table; a re-run runs only what is missing
+            results.write_table(results_root, spec.experiment, 'timings', timings, dict(prov, stage='all', device=None,
+                                stage_hash=stable_hash([s.hash for s in stages])))
+            raise StageFailed(f'{stage.name}: {len(failed)} trial(s) failed: ' + '; '.join(failed) +
+                              f'. The other rows are in {results.table_path(results_root, spec.experiment, stage.name)}; '
+                              'run the spec again to retry only these (finished trials are reused).')
     results.write_table(results_root, spec.experiment, 'timings', timings,
                         dict(prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
     if spec.report.figures:
@@ -139,7 +151,7 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
     tables = {}
     for source in spec.calibrate.sources():
         by_count = run_calibration(_model_outputs(state), dataset, spec.calibrate, source, sigmas, meta,
-                                   hooks.get('kill_calibration_actor'), log)
+                                   hooks.get('kill_calibration_actor'), log, keep_dir=stage.dir)
         for n, table in by_count.items():
             path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
             table.save(path)
@@ -176,11 +188,14 @@ def _sweep(spec, stage, state, dataset, hooks, log):
         with np.load(state['reference']['stats'], allow_pickle=False) as f:
             reference['features'] = torch.from_numpy(f['features'])
     context = dict(model=_model_outputs(state), tables=state.get('calibrate', {}).get('tables', {}), class_idx=e.class_idx,
-                   reference=ray.put(reference), num_images=e.num_images, seed_blocks=e.seed_blocks, batch_size=e.batch_size,
-                   kid=e.kid, precision_recall=e.precision_recall, inception_weights=e.inception_weights)
-    rows = run_sweep(spec.trials(), context, spec.sweep.resources, stage.dir)
+                   reference=ray.put(reference), trials_dir=stage.trials_dir, num_images=e.num_images,
+                   seed_blocks=e.seed_blocks, batch_size=e.batch_size, kid=e.kid, precision_recall=e.precision_recall,
+                   inception_weights=e.inception_weights)
+    trials = spec.trials()
+    rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, spec.sweep.resources, stage.dir,
+                             max_failures=spec.sweep.max_failures, log=log)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
-    return dict(rows=os.path.abspath(path), trials=len(rows))
+    return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
 
 
 STAGES = dict(train=_train, checkpoint=_checkpoint, calibrate=_calibrate, reference=_reference, sweep=_sweep)

@@ -108,6 +108,7 @@ class SweepSpec:
     samplers: list = field(default_factory=list)
     calibrated: list = field(default_factory=lambda: [False, True])
     resources: dict = field(default_factory=lambda: dict(cpu=1, gpu=0))
+    max_failures: int = 1                  # Tune retries of a trial whose worker failed or died
 
 
 @dataclass
@@ -289,7 +290,11 @@ def parse(raw, path='<spec>'):
     name = raw['experiment']
     if not isinstance(name, str) or not name or not all(c.isalnum() or c in '-_.' for c in name):
         _fail(path, 'experiment', f'expected a name of letters, digits, "-", "_" or ".", got {name!r}')
+    for required, example in (('data', '{name: fashion-mnist}'), ('model', '{preset: ddpmpp-tiny} or {checkpoint: FILE}')):
+        if required not in raw:
+            _fail(path, required, f'missing: say which {required} the experiment uses, e.g. {required}: {example}')
     seed = _check_type(path, 'seed', raw.get('seed', 0), int)
+    _positive(path, 'seed', seed, allow_zero=True)  # numpy's seed sequences take non-negative integers
     sections = {k: _section(path, k, raw.get(k), cls) for k, cls in SECTIONS.items() if k in raw or k not in ('calibrate', 'sweep')}
     spec = Spec(experiment=name, seed=seed, path=path, **sections)
     _validate(spec, path)
@@ -327,6 +332,7 @@ def _validate(spec, path):
         for key in ('chunk_size', 'actors', 'noise_draws', 'batch_size'):
             _positive(path, f'calibrate.{key}', getattr(c, key))
         _positive(path, 'calibrate.gpus_per_actor', c.gpus_per_actor, allow_zero=True)
+        _positive(path, 'calibrate.seed', c.seed, allow_zero=True)
         _positive(path, 'calibrate.cpus_per_actor', c.cpus_per_actor, allow_zero=True)
         for i, source in enumerate(c.source if isinstance(c.source, list) else [c.source]):
             _choice(path, 'calibrate.source' + (f'[{i}]' if isinstance(c.source, list) else ''), source, ('data', 'generated'))
@@ -363,6 +369,7 @@ def _validate(spec, path):
                 _fail(path, f'sweep.calibrated[{i}]', f'expected true or false, got {value!r}')
         if True in s.calibrated and spec.calibrate is None:
             _fail(path, 'sweep.calibrated', 'calibrated trials need a `calibrate:` section')
+        _positive(path, 'sweep.max_failures', s.max_failures, allow_zero=True)
         for key, value in s.resources.items():
             _choice(path, f'sweep.resources.{key}', key, ('cpu', 'gpu'))
             if not isinstance(value, (int, float)) or value < 0:

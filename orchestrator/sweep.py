@@ -1,21 +1,20 @@
 """Sweep stage: a Ray Tune grid with one trial per sampler setting (calibrated or not). Each
 trial samples num_images images with per-image seeds, measures them against the reference
-statistics with tasks.metrics.evaluate and reports the row through ray.tune.report.
+statistics with tasks.metrics.evaluate, writes its row under the results root by its content
+hash (plan.trial_hashes) and reports it through ray.tune.report. Finished trials are never run
+again: a re-run after a crash, a pre-emption, a failed trial or an extended sweep runs only the
+trials that have no row.
 """
+import json
 import os
 import time
 
 import ray
 from ray import tune
 
+from orchestrator.results import write_json
 from orchestrator.spec import sampler_kwargs, table_key
 from tasks import calibration, checkpoints, metrics
-
-
-# What a trial reports besides the metric values (Tune adds bookkeeping keys we drop).
-_METRIC_KEYS = ('num_samples', 'seed_blocks', 'nfe', 'reference_count', 'reference_sha256', 'feature_extractor',
-                'weights_source', 'weights_sha256', 'class_idx', 'note', 'device', 'wall_time')
-_METRIC_PREFIXES = ('fid', 'frechet', 'kid', 'precision', 'recall', 'f_score')
 
 
 def describe_trial(trial):
@@ -27,8 +26,16 @@ def describe_trial(trial):
     return f'{trial["sampler"]} {params}{calibrated}'
 
 
+def trial_row(trial):
+    """The settings part of a trial's row in the sweep table."""
+    return dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
+                calibration_source=trial.get('calibration_source'), calibration_images=trial.get('calibration_images'),
+                calibration_per_class=trial.get('calibration_per_class'), params=sampler_kwargs(trial))
+
+
 def _trial(config):
-    trial, ctx = config['trial'], config['context']
+    item, ctx = config['item'], config['context']
+    trial = item['trial']
     start = time.time()
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     net = checkpoints.load_denoiser(ctx['model']['network'], ctx['model']['format']).to(device)
@@ -41,35 +48,43 @@ def _trial(config):
     result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
                               batch_size=ctx['batch_size'], device=device, with_kid=ctx['kid'], with_pr=ctx['precision_recall'],
                               class_idx=ctx['class_idx'], **sampler_kwargs(trial))
-    blocks = {k: v for k, v in result.items() if k.endswith('_blocks')}
-    row = {k: v for k, v in result.items() if not k.endswith('_blocks')}
-    row.update({k: str(v) for k, v in blocks.items()}, device=device, wall_time=time.time() - start,
-               reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
-    tune.report(row)
+    row = dict(trial_row(trial), trial_hash=item['hash'],
+               **{k: (str(v) if k.endswith('_blocks') else v) for k, v in result.items()},
+               device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
+    # The row is kept as soon as the trial ends, so a killed driver or a later run reuses it.
+    write_json(os.path.join(ctx['trials_dir'], f'{item["hash"]}.json'), row)
+    tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
 
 
-def run_sweep(trials, context, resources, stage_dir, verbose=1):
-    """One Tune trial per entry of `trials`; returns a list of rows (trial settings + metrics).
-    context: model (the model stage's outputs: network path and format), tables ({table_key: path}),
-    reference (ObjectRef of the statistics), class_idx, num_images, seed_blocks, batch_size, kid,
-    precision_recall, inception_weights."""
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
-        param_space=dict(trial=tune.grid_search(trials), context=context),
-        run_config=tune.RunConfig(name='sweep', storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')), verbose=verbose))
-    grid = tuner.fit()
-    rows, errors = [], []
-    for result in grid:
-        trial = result.config['trial']
-        if result.error is not None:
-            errors.append(f'{describe_trial(trial)}: {result.error}')
-            continue
-        metrics_row = {k: v for k, v in result.metrics.items() if k in _METRIC_KEYS or k.startswith(_METRIC_PREFIXES)}
-        rows.append(dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
-                         calibration_source=trial.get('calibration_source'), calibration_images=trial.get('calibration_images'),
-                         calibration_per_class=trial.get('calibration_per_class'),
-                         params=sampler_kwargs(trial), **metrics_row))
-    if errors:
-        raise RuntimeError('sweep trials failed:\n  ' + '\n  '.join(errors))
-    return rows
-
+def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=1, log=print):
+    """Rows of the sweep table, one per entry of `trials` (with content hashes `hashes`), and
+    the labels of the trials that failed. Trials finished before (a row under
+    context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
+    max_failures times. A failed trial's row holds its error and no metrics.
+    context: model (the model stage's outputs: network path and format), tables ({table_key:
+    path}), reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
+    seed_blocks, batch_size, kid, precision_recall, inception_weights."""
+    os.makedirs(context['trials_dir'], exist_ok=True)
+    row_path = lambda h: os.path.join(context['trials_dir'], f'{h}.json')
+    todo = [dict(hash=h, trial=t) for h, t in zip(hashes, trials) if not os.path.isfile(row_path(h))]
+    log(f'sweep: {len(trials) - len(todo)} of {len(trials)} trial(s) finished before and reused; {len(todo)} to run')
+    errors = {}
+    if todo:
+        tuner = tune.Tuner(
+            tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
+            param_space=dict(item=tune.grid_search(todo), context=context),
+            run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=verbose,
+                                      storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')),
+                                      failure_config=tune.FailureConfig(max_failures=max_failures)))
+        for result in tuner.fit():
+            if result.error is not None:
+                text = str(result.error).strip().splitlines()
+                errors[result.config['item']['hash']] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
+    rows = []
+    for h, trial in zip(hashes, trials):
+        if os.path.isfile(row_path(h)):
+            with open(row_path(h)) as f:
+                rows.append(json.load(f))
+        else:
+            rows.append(dict(trial_row(trial), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)')))
+    return rows, [r['label'] for r in rows if r.get('error')]

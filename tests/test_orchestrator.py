@@ -1,5 +1,6 @@
 """Ray tests on the embedded local cluster (started once per session): select with -m ray."""
 import os
+import re
 import sys
 import threading
 
@@ -178,6 +179,36 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     timings = results.read_table(root, 'tiny', 'timings')
     assert set(timings['status']) == {'reused'}
     assert results.read_table(root, 'tiny', 'sweep')['fid'].tolist() == sweep['fid'].tolist()
+
+    # Trial by trial: with two trials' rows gone (as after a driver killed mid-sweep) and the
+    # calibration table of one of them missing, the re-run runs only those two; the one that
+    # fails is named, the other three rows land in Parquet, and the next run retries only it.
+    sweep_stage = [st for st in runner.plan.make_plan(s, root) if st.name == 'sweep'][0]
+    os.remove(os.path.join(sweep_stage.dir, 'DONE.json'))
+    by_label = dict(zip(sweep['label'], sweep['trial_hash']))
+    failing = [label for label in by_label if 'calibrated' in label and 'steps=4' in label][0]
+    rerun = [label for label in by_label if 'calibrated' not in label and 'steps=6' in label][0]
+    for label in (failing, rerun):
+        os.remove(os.path.join(sweep_stage.trials_dir, by_label[label] + '.json'))
+    table = runner.plan.make_plan(s, root)[1].outputs()['tables']['data/48']
+    messages = []
+
+    def log(message):  # the table goes missing once the sweep starts (its stage stays finished)
+        messages.append(message)
+        if message.startswith('== sweep'):
+            os.rename(table, table + '.away')
+    with pytest.raises(runner.StageFailed, match=r'sweep: 1 trial\(s\) failed: ' + re.escape(failing)):
+        runner.run(s, results_root=root, log=log)
+    assert any('2 of 4 trial(s) finished before and reused; 2 to run' in m for m in messages)
+    partial = results.read_table(root, 'tiny', 'sweep')
+    assert len(partial) == 4 and partial['fid'].notna().sum() == 3
+    assert 'CalibrationError' in partial.set_index('label').loc[failing, 'error']
+    assert partial.set_index('label').loc[rerun, 'fid'] == sweep.set_index('label').loc[rerun, 'fid']  # same seeds
+    os.rename(table + '.away', table)
+    messages = []
+    runner.run(s, results_root=root, log=messages.append)
+    assert any('3 of 4 trial(s) finished before and reused; 1 to run' in m for m in messages)
+    assert results.read_table(root, 'tiny', 'sweep').set_index('label')['fid'].to_dict() == sweep.set_index('label')['fid'].to_dict()
 
 
 def test_two_experiments_share_a_results_root(tmp_path):

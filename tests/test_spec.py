@@ -86,6 +86,12 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(sweep__calibrated=['yes']), 'sweep.calibrated[0]: expected true or false'),
     (dict(sweep__resources=dict(tpu=1)), "sweep.resources.tpu: 'tpu' is not one of: cpu, gpu"),
     (dict(evaluate__num_images=1), 'evaluate.num_images: FID needs at least 2 images'),
+    (dict(seed=-1), 'seed: must be non-negative, got -1'),
+    (dict(calibrate__seed=-3), 'calibrate.seed: must be non-negative, got -3'),
+    (dict(data=DELETE), 'data: missing: say which data the experiment uses'),
+    (dict(model=DELETE), 'model: missing: say which model the experiment uses'),
+    (dict(calibrate__per_class='yes'), "calibrate.per_class: expected true or false, got 'yes'"),
+    (dict(model__format='onnx'), "model.format: 'onnx' is not one of: network.pt, edm-pkl, diffusers"),
 ])
 def test_bad_specs_name_the_field(tmp_path, changes, message):
     path = _write(tmp_path, _with(**changes))

@@ -12,16 +12,18 @@ import os
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
+from tqdm import tqdm
 
 from orchestrator.spec import stable_hash
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)  # a second thread answers progress() while estimate() runs
 class CalibrationActor:
     def __init__(self, model, images, labels, num_classes, generation=None):
+        self.done = 0  # image x sigma evaluations finished (for the driver's progress bar)
         self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
         self.net = checkpoints.load_denoiser(model['network'], model['format']).to(self.device)
         self.images, self.labels, self.num_classes = images, labels, num_classes
@@ -42,8 +44,14 @@ class CalibrationActor:
         return {s: calibration.estimate_table(
                     self.net, images, sigmas, labels=labels, num_classes=self.num_classes, chunk_size=kwargs['chunk_size'],
                     chunk_indices=group, seed=kwargs['seed'], noise_draws=kwargs['noise_draws'], flips=kwargs['flips'],
-                    batch_size=kwargs['batch_size'], device=self.device, meta=kwargs['meta']).state()
+                    batch_size=kwargs['batch_size'], device=self.device, meta=kwargs['meta'], on_step=self._count).state()
                 for s, group in segments.items()}
+
+    def _count(self, images):
+        self.done += images
+
+    def progress(self):
+        return self.done
 
 
 def segment_chunks(counts, chunk_size):
@@ -92,8 +100,20 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_a
     pending = {actors[i].estimate.remote(work[i], sigmas, kwargs): i for i in todo}
     if kill_actor_for_test is not None:
         ray.kill(actors[kill_actor_for_test])
+    rows = data_mod.partition(n, c.chunk_size)
+    sizes = [sum(len(rows[j]) for j in group) * len(sigmas) for group in groups]
+    bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for i in partial), unit='img', unit_scale=True,
+               desc=f'calibrate ({source}, images x sigmas)')
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        if not ready:  # nothing finished yet: ask the working actors how far they are
+            try:
+                running = dict(zip(pending.values(), ray.get([actors[i].progress.remote() for i in pending.values()], timeout=5)))
+                bar.n = sum(sizes[i] for i in partial) + sum(running.values())
+                bar.refresh()
+            except RayError:
+                pass  # a lost or busy actor: ray.wait reports the loss next
+            continue
         i = pending.pop(ready[0])
         chunks = len(groups[i])
         try:
@@ -101,11 +121,13 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_a
             ray.kill(actors.pop(i))  # its CPUs (or GPU share) go back to the cluster now
             for s, table in partial[i].items() if keep_dir else ():
                 table.save(kept(i, s))
-            log(f'calibrate ({source}): actor {i} done ({chunks} chunks); {len(partial)}/{len(groups)} groups')
+            bar.n = sum(sizes[j] for j in partial)
+            bar.refresh()
         except RayActorError as e:
             log(f'calibrate ({source}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
             actors[i] = make_actor()
             pending[actors[i].estimate.remote(work[i], sigmas, kwargs)] = i
+    bar.close()
     tables, merged = {}, None
     for s, count in enumerate(counts):
         for i in sorted(partial):

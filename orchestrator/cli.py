@@ -1,7 +1,7 @@
 """orchestrator CLI: validate, run, submit, logs, status, results, figures.
 
     orchestrator validate specs/quickstart.yaml
-    orchestrator run specs/quickstart.yaml [--dry-run] [--address ray://HEAD:10001] [--results DIR]
+    orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR]
     orchestrator submit specs/quickstart.yaml --address http://HEAD:8265
     orchestrator results quickstart --where calibrated=True
     orchestrator figures quickstart
@@ -32,7 +32,7 @@ def cmd_validate(args):
 def cmd_run(args):
     from orchestrator import runner
     s = spec_mod.load(args.spec)
-    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run)
+    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run, verbose=args.verbose)
 
 
 def cmd_submit(args):
@@ -92,6 +92,7 @@ def build_parser():
     r.add_argument('--address', default=None, help='an existing Ray cluster (ray://HEAD:10001 or auto)')
     r.add_argument('--results', default='results', help='results root (default: results)')
     r.add_argument('--dry-run', action='store_true', help='print the stages, their resources and reuse; run nothing')
+    r.add_argument('--verbose', action='store_true', help="also show Ray's own logs and workers' output in the terminal")
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser('submit', help='submit a spec as a Ray job (ships this directory as the working dir)')
     s.add_argument('spec')

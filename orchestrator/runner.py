@@ -4,9 +4,11 @@ The embedded cluster binds to 127.0.0.1 only (its dashboard too, which Ray Train
 explicit CPU count and object-store memory, and with Ray's token auth disabled (nothing outside
 this machine can reach it). An existing cluster (--address) is used as its owner configured it.
 """
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -25,34 +27,72 @@ class StageFailed(RuntimeError):
 RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
 
 
-def init_ray(address=None, num_cpus=None):
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (so the embedded cluster never
+    collides with another Ray instance's fixed default ports)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address=None, num_cpus=None, verbose=False):
     """Connect to `address`, or start the embedded single-node cluster on loopback. Inside a
-    Ray job (orchestrator submit), RAY_ADDRESS names the job's cluster: join it."""
-    if not address and os.environ.get('RAY_ADDRESS'):
-        import ray
-        if not ray.is_initialized():
-            ray.init()
-        return
-    if not address:
-        # Read when Ray starts its processes: keep every listener, the node address and the
-        # training process group on 127.0.0.1, and skip token auth (nothing else can connect).
-        os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
-        os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+    Ray job (orchestrator submit), RAY_ADDRESS names the job's cluster: join it. Returns the
+    dashboard URL (http://HOST:PORT) of the cluster this process started, else None.
+    Worker output (Ray Train's reports, Tune's tables, tqdm from workers) reaches this terminal
+    only with `verbose`; otherwise it stays in Ray's session logs and the orchestrator prints
+    its own progress."""
     import ray
     if ray.is_initialized():
-        return
+        return None
+    if not address and os.environ.get('RAY_ADDRESS'):
+        ray.init(log_to_driver=verbose)
+        return None
     if address:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES))
-        return
-    # The dashboard (on 127.0.0.1) serves the State API that Ray Train V2's controller polls.
-    ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=True,
-             dashboard_host='127.0.0.1', _node_ip_address='127.0.0.1', log_to_driver=True)
+        ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES), log_to_driver=verbose)
+        return None
+    # Read when Ray starts its processes: keep every listener, the node address and the
+    # training process group on 127.0.0.1, and skip token auth (nothing else can connect).
+    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
+    os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+    # address='local': always a cluster of our own, even when `ray start` left one on this machine.
+    # The dashboard (on 127.0.0.1, a free port) serves the State API that Ray Train V2's controller polls.
+    context = ray.init(address='local', num_cpus=num_cpus or os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
+                       include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port=free_port(),
+                       _node_ip_address='127.0.0.1', log_to_driver=verbose, logging_level='WARNING')
+    return f'http://{context.dashboard_url}'
 
 
-def run(spec, results_root='results', address=None, dry_run=False, log=print, hooks=None):
+@contextlib.contextmanager
+def ray_log_file(path, verbose=False):
+    """Ray's driver-side log records (Tune, Train, core) at INFO and above go to `path`; the
+    terminal keeps only warnings and errors, or everything with verbose."""
+    import logging
+    logger = logging.getLogger('ray')
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    consoles = [h for h in logger.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    saved = logger.level, [h.level for h in consoles]
+    logger.setLevel(logging.INFO)
+    for h in consoles:
+        h.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.setLevel(saved[0])
+        for h, level in zip(consoles, saved[1]):
+            h.setLevel(level)
+
+
+def run(spec, results_root='results', address=None, dry_run=False, log=print, hooks=None, verbose=False):
     """Run (or, with dry_run, only print) the plan. hooks: test-only failure injection
-    (train_fail_once_at_kimg, kill_calibration_actor). Returns the stages."""
+    (train_fail_once_at_kimg, kill_calibration_actor). The terminal gets one line per stage,
+    progress bars and the results table; Ray's own log lines go to ray.log in each stage's
+    folder (and to the terminal too with verbose). Returns the stages."""
     hooks = hooks or {}
     stages = plan.make_plan(spec, results_root)
     exp_dir = os.path.join(results_root, spec.experiment)
@@ -60,7 +100,7 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
     log(plan.describe(stages))
     if dry_run:
         return stages
-    init_ray(address)
+    init_ray(address, verbose=verbose)
     os.makedirs(exp_dir, exist_ok=True)
     results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
@@ -77,7 +117,8 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
         start, reused = time.time(), stage.done
         log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
         os.makedirs(stage.dir, exist_ok=True)
-        outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, hooks, log)
+        with ray_log_file(os.path.join(stage.dir, 'ray.log'), verbose):
+            outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, hooks, log, verbose)
         failed = outputs.get('failed')
         if not reused and not failed:
             stage.mark_done(outputs)
@@ -107,13 +148,13 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
 # ---------------------------------------------------------------------------------------------
 # Stage bodies: each returns the outputs recorded in DONE.json.
 
-def _train(spec, stage, state, dataset, hooks, log):
+def _train(spec, stage, state, dataset, hooks, log, verbose=False):
     from orchestrator.train import run_train_stage
     network, device = run_train_stage(spec, stage.dir, fail_once_at_kimg=hooks.get('train_fail_once_at_kimg'))
     return dict(network=os.path.abspath(network), format='network.pt', device=device)
 
 
-def _checkpoint(spec, stage, state, dataset, hooks, log):
+def _checkpoint(spec, stage, state, dataset, hooks, log, verbose=False):
     fmt = spec.model.format or checkpoints.detect_format(spec.model.checkpoint)
     net = checkpoints.load_denoiser(spec.model.checkpoint, fmt)  # fails here, before any work, if it cannot load
     log(f'model: {spec.model.checkpoint} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
@@ -130,7 +171,7 @@ def _load_model(state):
     return checkpoints.load_denoiser(model['network'], model['format'])
 
 
-def _calibrate(spec, stage, state, dataset, hooks, log):
+def _calibrate(spec, stage, state, dataset, hooks, log, verbose=False):
     from orchestrator.calibrate import run_calibration
     net = _load_model(state)
     if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
@@ -160,7 +201,7 @@ def _calibrate(spec, stage, state, dataset, hooks, log):
     return dict(tables=tables, sigmas=len(sigmas))
 
 
-def _reference(spec, stage, state, dataset, hooks, log):
+def _reference(spec, stage, state, dataset, hooks, log, verbose=False):
     e = spec.evaluate
     if e.reference_stats:
         stats = metrics.load_reference_statistics(e.reference_stats)
@@ -179,7 +220,7 @@ def _reference(spec, stage, state, dataset, hooks, log):
     return dict(stats=os.path.abspath(path), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
-def _sweep(spec, stage, state, dataset, hooks, log):
+def _sweep(spec, stage, state, dataset, hooks, log, verbose=False):
     import ray
     from orchestrator.sweep import run_sweep
     e = spec.evaluate
@@ -193,7 +234,7 @@ def _sweep(spec, stage, state, dataset, hooks, log):
                    inception_weights=e.inception_weights)
     trials = spec.trials()
     rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, spec.sweep.resources, stage.dir,
-                             max_failures=spec.sweep.max_failures, log=log)
+                             max_failures=spec.sweep.max_failures, verbose=verbose, log=log)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
     return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
 

@@ -11,6 +11,7 @@ import time
 
 import ray
 from ray import tune
+from tqdm import tqdm
 
 from orchestrator.results import write_json
 from orchestrator.spec import sampler_kwargs, table_key
@@ -56,7 +57,45 @@ def _trial(config):
     tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
 
 
-def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=1, log=print):
+class _ProgressBar(tune.Callback):
+    """Trials done / running / failed, as one tqdm bar on the driver."""
+
+    def __init__(self, total, reused):
+        self.bar = tqdm(total=total, initial=reused, unit='trial', desc='sweep')
+        self.running, self.failed = set(), 0
+        self._show()
+
+    def __getstate__(self):  # Tune saves its callbacks with the experiment state; a terminal is not state
+        return dict(self.__dict__, bar=None)
+
+    def _show(self):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f'{len(self.running)} running, {self.failed} failed')
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._show()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self._step()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        self._step()
+
+    def _step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+        self._show()
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=False, log=print):
     """Rows of the sweep table, one per entry of `trials` (with content hashes `hashes`), and
     the labels of the trials that failed. Trials finished before (a row under
     context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
@@ -70,12 +109,16 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
     log(f'sweep: {len(trials) - len(todo)} of {len(trials)} trial(s) finished before and reused; {len(todo)} to run')
     errors = {}
     if todo:
+        # Tune's new console output prints its experiment box even at verbose=0; the classic one is silent.
+        os.environ['RAY_AIR_NEW_OUTPUT'] = '1' if verbose else '0'
         tuner = tune.Tuner(
             tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
             param_space=dict(item=tune.grid_search(todo), context=context),
-            run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=verbose,
-                                      storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')),
-                                      failure_config=tune.FailureConfig(max_failures=max_failures)))
+            # Tune's own tables only with verbose; each trial's output goes to files in its folder.
+            run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=1 if verbose else 0,
+                                      storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')), log_to_file=True,
+                                      failure_config=tune.FailureConfig(max_failures=max_failures),
+                                      callbacks=[_ProgressBar(len(trials), len(trials) - len(todo))]))
         for result in tuner.fit():
             if result.error is not None:
                 text = str(result.error).strip().splitlines()

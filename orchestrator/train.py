@@ -5,21 +5,26 @@ and reports every tick through ray.train.report; rank 0 attaches the checkpoint 
 FailureConfig restarts failed workers, which resume from ray.train.get_checkpoint(); a restarted
 run (the same stage re-run after a crash) resumes from the newest checkpoint in its storage.
 """
+import contextlib
 import dataclasses
 import glob
+import json
 import os
 import shutil
 import tempfile
+import threading
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 
+from orchestrator.results import write_json
 from tasks import data as data_mod
 from tasks import train as tasks_train
 
 FAILURE_MARKER = 'injected-failure-done'
+PROGRESS = 'progress.json'
 
 
 def _train_worker(config):
@@ -45,6 +50,8 @@ def _train_worker(config):
     marker = os.path.join(config['run_dir'], FAILURE_MARKER)
 
     def on_tick(record, checkpoint_path):
+        if rank == 0:  # what the driver's progress bar shows (run_train_stage polls it)
+            write_json(os.path.join(config['run_dir'], PROGRESS), record)
         if fail_at is not None and record['kimg'] >= fail_at and not os.path.exists(marker) and checkpoint_path is None:
             if rank == 0:
                 open(marker, 'w').close()
@@ -60,8 +67,40 @@ def _train_worker(config):
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     tasks_train.train(tasks_train.TrainConfig(**config['train']), dataset, run_dir, device=device, resume=True,
-                      progress=rank == 0, on_tick=on_tick, rank=rank, world_size=world_size,
+                      progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
                       wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+
+
+@contextlib.contextmanager
+def progress_bar(path, total_kimg):
+    """A driver-side bar in kimg, fed by the progress file rank 0 writes every tick."""
+    from tqdm import tqdm
+    bar = tqdm(total=total_kimg, unit='kimg', desc='train', bar_format='{desc}: {percentage:3.0f}%|{bar}| '
+               '{n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]')
+    stop = threading.Event()
+
+    def refresh():
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return  # not written yet, or being replaced
+        bar.n = min(record['kimg'], total_kimg)
+        bar.set_postfix_str(f'loss {record["loss"]:.4f}, {record["img_per_sec"]:.0f} img/s')
+
+    def poll():
+        while not stop.wait(1.0):
+            refresh()
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        thread.join()
+        refresh()
+        bar.close()
 
 
 def latest_checkpoint(storage):
@@ -92,7 +131,8 @@ def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
         run_config=ray.train.RunConfig(name='train', storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), t.kimg):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:

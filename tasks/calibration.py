@@ -216,12 +216,13 @@ def chunk_noise(seed, chunk_index, k, num_images, draws, shape):
 
 
 def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1000, chunk_indices=None,
-                   seed=0, noise_draws=1, flips=False, batch_size=256, device='cpu', meta=None, progress=False):
+                   seed=0, noise_draws=1, flips=False, batch_size=256, device='cpu', meta=None, progress=False, on_step=None):
     """A CalibrationTable over the given chunks of `images` (uint8 [N, C, H, W], or float in
     model range). Each image contributes noise_draws noisy copies per sigma (x2 with flips: the
     mirrored image too). batch_size only splits the work: the table does not depend on it.
     A conditional net (label_dim > 0) sees each image's own label, one-hot; the table keeps
-    per-class sums only when num_classes > 0 (Calib Sec. 3.2), else the pooled term."""
+    per-class sums only when num_classes > 0 (Calib Sec. 3.2), else the pooled term.
+    progress shows a tqdm bar; on_step(images) is called after each (chunk, sigma)."""
     label_dim = getattr(net, 'label_dim', 0) or num_classes
     if label_dim and labels is None:
         raise ValueError(f'the model is conditional ({label_dim} classes): calibration needs the images\' labels')
@@ -258,6 +259,8 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
                 table.add(k, D, yb, None if lab is None else lab[b:b + batch_size])
             if bar is not None:
                 bar.update(1)
+            if on_step is not None:
+                on_step(len(rows))
         table.chunks.add(c)
         count += len(rows)
     if bar is not None:

@@ -1,4 +1,5 @@
-"""Ray tests on the embedded local cluster (started once per session): select with -m ray."""
+"""Orchestrator tests; those on the embedded local cluster (the ray_cluster fixture of
+conftest.py, started once per session) carry the `ray` marker."""
 import os
 import re
 import sys
@@ -13,7 +14,6 @@ from orchestrator import results, runner, spec
 from tasks import calibration, checkpoints, data
 from tasks import train as tasks_train
 
-pytestmark = pytest.mark.ray
 fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
 needs_fashion = pytest.mark.skipif(not fashion_present, reason=f'Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}')
 
@@ -26,14 +26,6 @@ TINY = dict(
     sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=[4, 6])], calibrated=[False, True]),
     evaluate=dict(num_images=6, reference_images=8, batch_size=8, kid=True, precision_recall=True),
 )
-
-
-@pytest.fixture(scope='session')
-def ray_cluster():
-    import ray
-    runner.init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def _spec(tmp_path, name='s.yaml', **changes):
@@ -246,7 +238,7 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, capsys):
     import time
     from ray.job_submission import JobStatus, JobSubmissionClient
     from orchestrator import cli
-    address = 'http://127.0.0.1:8265'
+    address = ray_cluster  # the embedded cluster's dashboard, on a free port
     # The job runs on the cluster's own interpreter; here that is this virtual environment's,
     # which a plain `python` on PATH need not be (CI's PATH has no .venv/bin).
     assert cli.main(['submit', 'tests/specs/tiny-train.yaml', '--address', address, '--results', 'job-results',

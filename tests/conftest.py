@@ -21,3 +21,28 @@ def ray_cluster():
     url = runner.init_ray(num_cpus=2)
     yield url
     ray.shutdown()
+
+
+@pytest.fixture(scope='module')  # shut down before other modules start their clusters
+def multinode_cluster():
+    """Ray's own multi-node test cluster on this machine: a head with no CPUs (so all work lands
+    on workers) and two 1-CPU worker nodes, every node on 127.0.0.1, free ports, a RAY_TMPDIR of
+    its own. Yields the cluster (cluster.address is the GCS address a driver connects to)."""
+    import os
+    import shutil
+    import tempfile
+    from ray.cluster_utils import Cluster
+    from orchestrator.runner import free_port
+    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')       # as the embedded cluster: loopback only
+    os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+    temp_dir = tempfile.mkdtemp(prefix='ray-mn-', dir='/tmp')  # short: Ray's unix sockets live under it (107 bytes)
+    node = dict(node_ip_address='127.0.0.1', object_store_memory=100 * 1024 ** 2)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        node, num_cpus=0, temp_dir=temp_dir, include_dashboard=True,  # the GCS picks a free port itself
+        dashboard_host='127.0.0.1', dashboard_port=free_port()))
+    workers = [cluster.add_node(**node, num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    cluster.workers = workers
+    yield cluster
+    cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -72,8 +72,6 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_a
     c = spec_calibrate
     counts = c.counts()
     n = counts[-1]
-    if source == 'data' and n > len(dataset):
-        raise ValueError(f'calibrate.images: {n} images asked for, but the data holds {len(dataset)}')
     segments = segment_chunks(counts, c.chunk_size)
     chunk_segment = {chunk: s for s, group in enumerate(segments) for chunk in group}
     groups = [g for g in data_mod.assign_chunks(len(chunk_segment), c.actors) if g]

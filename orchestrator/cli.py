@@ -1,6 +1,7 @@
-"""orchestrator CLI: validate, run, submit, logs, status, results, figures.
+"""orchestrator CLI: validate, schema, run, submit, logs, status, results, figures.
 
     orchestrator validate specs/quickstart.yaml
+    orchestrator schema --out spec.schema.json
     orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR]
     orchestrator submit specs/quickstart.yaml --address http://HEAD:8265
     orchestrator results quickstart --where calibrated=True
@@ -27,6 +28,17 @@ def _user_errors():
 def cmd_validate(args):
     s = spec_mod.load(args.spec)
     print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(s.trials())} sweep trial(s)')
+
+
+def cmd_schema(args):
+    import json
+    text = json.dumps(spec_mod.json_schema(), indent=1)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(text + '\n')
+        print(f'wrote {args.out}')
+    else:
+        print(text)
 
 
 def cmd_run(args):
@@ -87,6 +99,9 @@ def build_parser():
     v = sub.add_parser('validate', help='check a spec file without running anything')
     v.add_argument('spec')
     v.set_defaults(fn=cmd_validate)
+    sc = sub.add_parser('schema', help='print the JSON Schema of spec files (for editors: YAML completion and checks)')
+    sc.add_argument('--out', default=None, help='write it to this file instead')
+    sc.set_defaults(fn=cmd_schema)
     r = sub.add_parser('run', help='run a spec on the embedded Ray (default) or a cluster')
     r.add_argument('spec')
     r.add_argument('--address', default=None, help='an existing Ray cluster (ray://HEAD:10001 or auto)')

@@ -10,9 +10,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from orchestrator.spec import sampler_kwargs, stable_hash
+from orchestrator.spec import sampler_kwargs, stable_hash, train_config
 from orchestrator.results import write_json
-from tasks.metrics import sha256_file
+from tasks import calibration, checkpoints, precond
+from tasks.files import sha256_file
 
 
 @dataclass
@@ -46,8 +47,7 @@ class Stage:
 
 # Settings that decide where and how fast work runs, never its result (calibration merges are
 # exact for any partition and batch size): left out of the stage hashes.
-NOT_HASHED = dict(train=('cpus_per_worker', 'max_failures', 'use_gpu'),
-                  calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size'),
+NOT_HASHED = dict(calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size'),
                   evaluate=('batch_size',))
 
 
@@ -75,14 +75,18 @@ def make_plan(spec, results_root):
         model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint), format=spec.model.format),
                     'none (reads model.checkpoint)')
     else:
-        t = spec.train
-        gpu = {'true': 'GPU', 'false': 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[str(t.use_gpu).lower()]
-        model = add('train', dict(data=data, model=asdict(spec.model), train=_hashed('train', asdict(t)), seed=spec.seed),
-                    f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {t.kimg} kimg at batch {t.batch_size}')
+        t, config = spec.train, train_config(spec)
+        gpu = {True: 'GPU', False: 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[t.use_gpu]
+        # The worker count decides each rank's data order and noise, so it is part of the result.
+        model = add('train', dict(data=data, config=asdict(config), workers=t.workers),
+                    f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {config.total_kimg} kimg at batch '
+                    f'{config.batch_size}')
+    trials = spec.trials()
     calibrate = None
     if spec.calibrate is not None:
         c = spec.calibrate
-        calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sweep_sigmas=_sweep_sigma_inputs(spec)),
+        sigmas = [float(s) for s in calibration_sigmas(spec, trials)]
+        calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sigmas=sigmas),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
                         f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}', [model])
     if spec.sweep is not None:
@@ -94,17 +98,29 @@ def make_plan(spec, results_root):
                                               weights=e.inception_weights, features=e.kid or e.precision_recall),
                             f'1 process; {e.reference_images} images')
         r = spec.sweep.resources
-        add('sweep', dict(trials=spec.trials(), evaluate=_hashed('evaluate', asdict(e))),
-                    f'{len(spec.trials())} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
+        add('sweep', dict(trials=trials, evaluate=_hashed('evaluate', asdict(e))),
+                    f'{len(trials)} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
                     f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
                     [s for s in (model, calibrate, reference) if s is not None])
     return stages
 
 
-def _sweep_sigma_inputs(spec):
-    """What decides the calibration grid: the calibrated trials' sampler settings."""
-    settings = [dict(sampler_kwargs(t), sampler=t['sampler']) for t in spec.trials() if t['calibrated']]
-    return [s for i, s in enumerate(settings) if s not in settings[:i]]
+def noise_levels(spec):
+    """What a sampler's sigma grid depends on (sigma_min, sigma_max, round_sigma): the given
+    checkpoint, or the spec's preconditioner without its network (the trained model's are the same)."""
+    if spec.model.checkpoint:
+        return checkpoints.load_denoiser(spec.model.checkpoint, spec.model.format)
+    config = train_config(spec)
+    return precond.PRECONDS[config.precond](img_resolution=1, img_channels=1, model_type=None, **config.precond_kwargs)
+
+
+def calibration_sigmas(spec, trials):
+    """The calibration grid: the union of every sigma the calibrated trials' samplers will query
+    (Heun's second evaluations and stochastic sigma-hats included), found by running each sampler on
+    the model's noise levels (DESIGN.md); with no calibrated trial, EDM's 18-step sampler's."""
+    net = noise_levels(spec)
+    grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in trials if t['calibrated']]
+    return calibration.union_sigmas(*(grids or [calibration.queried_sigmas('edm', net, num_steps=18)]))
 
 
 def trial_hashes(stage, trials):

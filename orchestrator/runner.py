@@ -11,13 +11,12 @@ import os
 import socket
 import time
 
-import numpy as np
 import torch
 
 from orchestrator import figures, plan, results
-from orchestrator.spec import SpecError, sampler_kwargs, stable_hash, table_key
+from orchestrator.spec import SpecError, stable_hash, table_key
 from tasks import calibration, checkpoints, data, metrics
-from tasks.files import atomic_write
+from tasks import train as tasks_train
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
 
@@ -183,11 +182,8 @@ def _calibrate(spec, stage, state, dataset, hooks, log, verbose=False):
     if net.label_dim and net.label_dim != dataset.num_classes:
         raise SpecError(f'{spec.path}: data: the model is conditional on {net.label_dim} classes, {spec.data.name} has '
                         f'{dataset.num_classes}')
-    grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in spec.trials() if t['calibrated']]
-    if not grids:  # no sweep: a default grid for inspection (EDM's 18-step sampler)
-        grids = [calibration.queried_sigmas('edm', net, num_steps=18)]
-    sigmas = calibration.union_sigmas(*grids)
-    log(f'calibrate: {len(sigmas)} sigmas from {len(grids)} calibrated sampler setting(s)')
+    sigmas = torch.tensor(stage.inputs['sigmas'], dtype=torch.float64)  # the plan's grid, as hashed
+    log(f'calibrate: {len(sigmas)} sigmas (every sigma the calibrated trials will query)')
     meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
     tables = {}
     for source in spec.calibrate.sources():
@@ -213,26 +209,20 @@ def _reference(spec, stage, state, dataset, hooks, log, verbose=False):
     log(f'reference: features of {len(ref)} {spec.data.name} {e.reference_split} images ({extractor.weights.source})')
     keep = e.kid or e.precision_recall  # these compare features, not mean and covariance
     stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=keep)
-    path = stats['cache']
-    if keep:
-        path = atomic_write(os.path.join(stage.dir, 'reference-features.npz'), suffix='.npz', write=lambda tmp: np.savez(
-            tmp, mu=stats['mu'], sigma=stats['sigma'], count=stats['count'], features=stats['features'].numpy()))
-    return dict(stats=os.path.abspath(path), count=stats['count'], weights_sha256=stats['weights_sha256'])
+    return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
 def _sweep(spec, stage, state, dataset, hooks, log, verbose=False):
     import ray
     from orchestrator.sweep import run_sweep
     e = spec.evaluate
-    reference = metrics.load_reference_statistics(state['reference']['stats'])
-    if e.kid or e.precision_recall:
-        with np.load(state['reference']['stats'], allow_pickle=False) as f:
-            reference['features'] = torch.from_numpy(f['features'])
+    reference = metrics.load_reference_statistics(state['reference']['stats'], features=e.kid or e.precision_recall)
     context = dict(model=_model_outputs(state), tables=state.get('calibrate', {}).get('tables', {}), class_idx=e.class_idx,
+                   interpolate=spec.calibrate is not None and spec.calibrate.interpolate,
                    reference=ray.put(reference), trials_dir=stage.trials_dir, num_images=e.num_images,
                    seed_blocks=e.seed_blocks, batch_size=e.batch_size, kid=e.kid, precision_recall=e.precision_recall,
                    inception_weights=e.inception_weights)
-    trials = spec.trials()
+    trials = stage.inputs['trials']
     rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, spec.sweep.resources, stage.dir,
                              max_failures=spec.sweep.max_failures, verbose=verbose, log=log)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
@@ -247,8 +237,8 @@ STAGES = dict(train=_train, checkpoint=_checkpoint, calibrate=_calibrate, refere
 # describe the stages of the last run).
 
 def _write_train_log(spec, stage, state, root, prov):
-    blob = checkpoints.load_torch_file(state[stage.name]['network'])
-    rows = [dict(r, config=blob['config']) for r in blob.get('log', [])]
+    config, log = tasks_train.read_log(state[stage.name]['network'])
+    rows = [dict(r, config=config) for r in log]
     results.write_table(root, spec.experiment, 'train_log', rows, dict(prov, device=state[stage.name]['device']))
 
 
@@ -257,13 +247,10 @@ def _write_calibration(spec, stage, state, root, prov):
     for path in state['calibrate']['tables'].values():
         table = calibration.CalibrationTable.load(path)
         gap = calibration.dsm_gap(table)
-        c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
-        # Standard error of ||c||^2 by the delta method: 2 sqrt(sum_i c_i^2 se_i^2).
-        c2_se = 2 * (c.square() * se.square()).sum(1).sqrt()
         rows += [dict(source=table.meta['source'], table_images=table.meta['image_count'], sigma=float(s), images=int(n),
-                      c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b / s ** 2),
+                      c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b),
                       config=dataclasses.asdict(spec.calibrate))
-                 for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], c2_se)]
+                 for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], gap['noise_se'])]
     results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
 
 

@@ -6,8 +6,8 @@ path and what was expected; unknown keys are errors with a "did you mean".
     experiment: quickstart          # name: results go to <results>/<experiment>/
     seed: 0
     data:      {name, root, split, pad_to_32, resolution, limit}
-    model:     {preset, precond, overrides, checkpoint, format}   # checkpoint: network.pt, EDM .pkl or diffusers dir
-    train:     {kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, workers, use_gpu, bf16, ...}
+    model:     {preset, precond, network_overrides, precond_kwargs, checkpoint, format}
+    train:     {total_kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, ..., workers, use_gpu}  # = tasks.train.TrainConfig
     calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size, per_class}
     sweep:     {samplers: [{sampler: ..., <param>: value or [values]}], calibrated: [false, true], resources}
     evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights,
@@ -27,6 +27,7 @@ import yaml
 
 from tasks import data as data_mod
 from tasks import checkpoints, metrics, networks, precond
+from tasks import train as tasks_train
 
 
 class SpecError(ValueError):
@@ -45,29 +46,34 @@ class DataSpec:
 
 @dataclass
 class ModelSpec:
-    preset: str = 'ddpmpp-tiny'
-    precond: str = 'edm'
-    overrides: dict = field(default_factory=dict)
+    preset: str = 'ddpmpp-tiny'            # tasks.networks.PRESETS
+    precond: str = 'edm'                   # tasks.precond.PRECONDS
+    network_overrides: dict = field(default_factory=dict)
+    precond_kwargs: dict = field(default_factory=dict)
     checkpoint: Optional[str] = None       # an existing model (no training stage): network.pt, EDM .pkl, diffusers dir
     format: Optional[str] = None           # tasks.checkpoints.FORMATS; detected from the file when not given
 
 
-@dataclass
-class TrainSpec:
-    kimg: float = 20.0
-    batch_size: int = 128
-    lr: float = 2e-3
-    lr_rampup_kimg: float = 2.0
-    ema_halflife_kimg: float = 4.0
-    loss: str = 'edm'
-    hflip: bool = False
-    workers: int = 1
-    cpus_per_worker: float = 1.0           # also torch's thread count in the worker
-    use_gpu: object = 'auto'               # auto | true | false
-    bf16: bool = False
-    kimg_per_tick: float = 2.0
-    checkpoint_ticks: int = 2
-    max_failures: int = 2
+# The train section is tasks.train.TrainConfig (same names, same defaults) less what the model
+# section and the top-level seed give, plus how Ray runs it.
+_FROM_ELSEWHERE = ('preset', 'precond', 'network_overrides', 'precond_kwargs', 'seed')
+_RAY_TRAIN_FIELDS = [
+    ('workers', int, field(default=1)),
+    ('cpus_per_worker', float, field(default=1.0)),        # also torch's thread count in the worker
+    ('use_gpu', object, field(default='auto')),            # auto | true | false
+    ('max_failures', int, field(default=2)),               # Ray Train restarts from the last checkpoint
+]
+TrainSpec = dataclasses.make_dataclass('TrainSpec', [
+    (f.name, f.type, field(default=f.default) if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory))
+    for f in dataclasses.fields(tasks_train.TrainConfig) if f.name not in _FROM_ELSEWHERE] + _RAY_TRAIN_FIELDS)
+
+
+def train_config(spec):
+    """The tasks.train.TrainConfig a spec's model, train and seed resolve to."""
+    m, t = spec.model, spec.train
+    names = [f.name for f in dataclasses.fields(tasks_train.TrainConfig) if f.name not in _FROM_ELSEWHERE]
+    return tasks_train.TrainConfig(preset=m.preset, precond=m.precond, network_overrides=m.network_overrides,
+                                   precond_kwargs=m.precond_kwargs, seed=spec.seed, **{k: getattr(t, k) for k in names})
 
 
 @dataclass
@@ -88,6 +94,9 @@ class CalibrateSpec:
     # Per-class terms E_{q_t}[eps | y] (Calib Sec. 3.2): true, false, or [false, true] to compare
     # pooled with per-class calibration in the sweep (one estimate serves both).
     per_class: object = False
+    # Log-sigma interpolation between grid points for sigmas off the grid (never extrapolated);
+    # off, a sigma the plan did not foresee is an error naming it.
+    interpolate: bool = False
 
     def counts(self):
         return sorted(set(self.images)) if isinstance(self.images, list) else [self.images]
@@ -320,10 +329,11 @@ def _validate(spec, path):
             _fail(path, 'model.checkpoint', str(e))
         if m.format is not None and m.format != detected:
             _fail(path, 'model.format', f'{m.format!r}, but {m.checkpoint} is a {detected} file')
-    for key in ('kimg', 'batch_size', 'lr', 'workers', 'cpus_per_worker', 'kimg_per_tick', 'checkpoint_ticks'):
+    for key in ('total_kimg', 'batch_size', 'lr', 'workers', 'cpus_per_worker', 'kimg_per_tick', 'checkpoint_ticks'):
         _positive(path, f'train.{key}', getattr(t, key))
     _positive(path, 'train.max_failures', t.max_failures, allow_zero=True)
-    _choice(path, 'train.use_gpu', str(t.use_gpu).lower(), ('auto', 'true', 'false'))
+    if t.use_gpu not in ('auto', True, False) or isinstance(t.use_gpu, int) and not isinstance(t.use_gpu, bool):
+        _fail(path, 'train.use_gpu', f'expected auto, true or false, got {t.use_gpu!r}')
     _choice(path, 'train.loss', t.loss, ('vp', 've', 'edm'))
     if t.batch_size % t.workers:
         _fail(path, 'train.batch_size', f'{t.batch_size} is not divisible by train.workers = {t.workers}')
@@ -403,6 +413,33 @@ def _check_trials(spec, path):
             calibration.queried_sigmas(trial['sampler'], stand_in, **sampler_kwargs(trial))
         except (ValueError, TypeError) as e:
             _fail(path, 'sweep.samplers', f'trial {i} {trial} is invalid: {e}')
+
+
+def json_schema():
+    """JSON Schema of a spec file (`orchestrator schema`), for editors that complete and check
+    YAML: every section and key with its type and default, the choices of the named settings,
+    unknown keys refused. The checks that need values together (and files) stay in parse()."""
+    import pydantic
+    schema = pydantic.TypeAdapter(Spec).json_schema()
+    schema['properties'].pop('path', None)
+    schema.update(required=['experiment', 'data', 'model'], additionalProperties=False,
+                  title='calib-edm-orchestrator experiment spec')
+    schema['properties']['seed']['minimum'] = 0
+    defs = schema['$defs']
+    for section in defs.values():
+        section['additionalProperties'] = False
+    choices = {('DataSpec', 'name'): data_mod.DATASETS, ('DataSpec', 'split'): ('train', 'test'),
+               ('ModelSpec', 'preset'): sorted(networks.PRESETS), ('ModelSpec', 'precond'): list(precond.PRECONDS),
+               ('ModelSpec', 'format'): (*checkpoints.FORMATS, None), ('TrainSpec', 'loss'): ('vp', 've', 'edm'),
+               ('TrainSpec', 'use_gpu'): ('auto', True, False)}
+    for (section, key), values in choices.items():
+        defs[section]['properties'][key]['enum'] = list(values)
+    for section, aliases in ALIASES.items():
+        props = defs[f'{section.capitalize()}Spec']['properties']
+        props.update({alias: dict(props[key], title=alias) for alias, key in aliases.items()})
+    samplers = {'type': 'object', 'required': ['sampler'], 'properties': {'sampler': {'enum': list(SAMPLER_PARAMS)}}}
+    defs['SweepSpec']['properties']['samplers']['items'] = samplers
+    return schema
 
 
 def load(path):

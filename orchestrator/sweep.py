@@ -42,7 +42,8 @@ def _trial(config):
     net = checkpoints.load_denoiser(ctx['model']['network'], ctx['model']['format']).to(device)
     if trial['calibrated']:
         table = calibration.CalibrationTable.load(ctx['tables'][table_key(trial['calibration_source'], trial['calibration_images'])])
-        net = calibration.CalibratedDenoiser(net, table, context=describe_trial(trial), per_class=trial['calibration_per_class'])
+        net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
+                                             per_class=trial['calibration_per_class'])
     weights = metrics.resolve_inception_weights(ctx['inception_weights'])
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
@@ -101,7 +102,7 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
     context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
     max_failures times. A failed trial's row holds its error and no metrics.
     context: model (the model stage's outputs: network path and format), tables ({table_key:
-    path}), reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
+    path}), interpolate, reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
     seed_blocks, batch_size, kid, precision_recall, inception_weights."""
     os.makedirs(context['trials_dir'], exist_ok=True)
     row_path = lambda h: os.path.join(context['trials_dir'], f'{h}.json')

@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 
 from orchestrator.results import write_json
+from orchestrator.spec import train_config
 from tasks import data as data_mod
 from tasks import train as tasks_train
 
@@ -111,13 +112,8 @@ def latest_checkpoint(storage):
 
 def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
     """Train the spec's model; returns (path of network.pt in stage_dir, device used)."""
-    t, m = spec.train, spec.model
-    use_gpu = str(t.use_gpu).lower()
-    use_gpu = (ray.cluster_resources().get('GPU', 0) >= t.workers) if use_gpu == 'auto' else use_gpu == 'true'
-    config = tasks_train.TrainConfig(
-        preset=m.preset, precond=m.precond, loss=t.loss, network_overrides=m.overrides, batch_size=t.batch_size,
-        total_kimg=t.kimg, lr=t.lr, lr_rampup_kimg=t.lr_rampup_kimg, ema_halflife_kimg=t.ema_halflife_kimg, hflip=t.hflip,
-        bf16=t.bf16, seed=spec.seed, kimg_per_tick=t.kimg_per_tick, checkpoint_ticks=t.checkpoint_ticks)
+    t, config = spec.train, train_config(spec)
+    use_gpu = ray.cluster_resources().get('GPU', 0) >= t.workers if t.use_gpu == 'auto' else t.use_gpu
     storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
     loop_config = dict(
         data=dataclasses.asdict(spec.data),
@@ -131,7 +127,7 @@ def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
         run_config=ray.train.RunConfig(name='train', storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), t.kimg):
+    with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), config.total_kimg):
         result = trainer.fit()
     if result.error is not None:
         raise result.error

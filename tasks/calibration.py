@@ -331,9 +331,12 @@ def calibration_term(c, sigma, prediction, alpha=1.0):
 
 def dsm_gap(table):
     """Calib Eq. 27: the reduction of the per-sigma DSM objective by calibration,
-    ||E eps||^2 = ||c||^2 / sigma^2 in noise space (and ||c||^2 in the denoiser's D space), [K]."""
-    c2 = table.offset()[0].flatten(1).square().sum(1)
-    return dict(noise=c2 / table.sigmas ** 2, data=c2)
+    ||E eps||^2 = ||c||^2 / sigma^2 in noise space (and ||c||^2 in the denoiser's D space), [K],
+    with the Monte Carlo standard error of each (`noise_se`, `data_se`) by the delta method:
+    se(||c||^2) = 2 sqrt(sum_i c_i^2 se(c_i)^2)."""
+    c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
+    c2, c2_se = c.square().sum(1), 2 * (c.square() * se.square()).sum(1).sqrt()
+    return dict(noise=c2 / table.sigmas ** 2, data=c2, noise_se=c2_se / table.sigmas ** 2, data_se=c2_se)
 
 
 def likelihood_terms(table, noise_schedule):

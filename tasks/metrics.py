@@ -280,11 +280,12 @@ def inception_score(*args, **kwargs):
 # ---------------------------------------------------------------------------------------------
 # Reference statistics and evaluation of a sampler.
 
-def load_reference_statistics(path, dim=2048):
+def load_reference_statistics(path, dim=2048, features=False):
     """Published FID statistics: an .npz with `mu` [dim] and `sigma` [dim, dim] (EDM's
     fid-refs/*.npz, pytorch-fid's and ADM's statistics files), read without pickle and checked
     for shape, symmetry and finiteness. Returns dict(mu, sigma, count (None unless the file has
-    `count`), sha256, source)."""
+    `count`), sha256, source), and the `features` [N, dim] the file keeps (reference_statistics
+    with keep_features) when asked: KID and precision/recall compare features."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if not hasattr(f, 'files'):
@@ -295,12 +296,16 @@ def load_reference_statistics(path, dim=2048):
                                    f'mean `mu` [{dim}] and covariance `sigma` [{dim}, {dim}] of Inception pool features')
             mu, sigma = f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
             count = int(f['count']) if 'count' in f.files else None
+            if features and 'features' not in f.files:
+                raise MetricsError(f'{path}: has no `features`, which KID and precision/recall need')
+            kept = torch.from_numpy(f['features']) if features else None
     except FileNotFoundError:
         raise MetricsError(f'{path}: no such file') from None
     except MetricsError:
         raise
     except Exception as e:  # a zip that is not an npz, a pickled array (refused), a truncated file
         raise MetricsError(f'{path}: not an .npz of FID statistics ({type(e).__name__}: {e})') from None
+    dim = dim or (mu.shape[0] if mu.ndim == 1 else -1)  # None: any feature size (other extractors' caches)
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise MetricsError(f'{path}: mu has shape {list(mu.shape)} and sigma {list(sigma.shape)}; expected [{dim}] and '
                            f'[{dim}, {dim}] (2048-d pool features of the FID Inception network)')
@@ -308,24 +313,29 @@ def load_reference_statistics(path, dim=2048):
         raise MetricsError(f'{path}: mu or sigma holds NaN or infinite values')
     if not np.allclose(sigma, sigma.T, rtol=1e-5, atol=1e-8):
         raise MetricsError(f'{path}: sigma is not symmetric, so it is not a covariance matrix')
-    return dict(mu=mu, sigma=sigma, count=count, sha256=sha256_file(path), source=os.path.abspath(path))
+    out = dict(mu=mu, sigma=sigma, count=count, sha256=sha256_file(path), source=os.path.abspath(path))
+    return out if kept is None else dict(out, features=kept)
 
 
 def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False):
     """Mean and covariance of `dataset`'s features (tasks.data.ImageDataset, uint8), computed once
-    and cached under a key of the dataset's content hash and the weights' sha256."""
+    and cached under a key of the dataset's content hash and the weights' sha256. keep_features
+    also keeps (and caches) the features themselves, which KID and precision/recall compare.
+    The cache file (`cache`) is what load_reference_statistics reads."""
     provenance = extractor.provenance
     key = hashlib.sha256(f'{dataset.content_hash()}:{provenance["weights_sha256"] or extractor.name}:stats-v1'.encode()).hexdigest()
-    path = os.path.join(cache_dir or default_cache_dir(), f'refstats-{key[:24]}.npz')
-    if os.path.isfile(path) and not keep_features:
-        with np.load(path) as f:
-            return dict(mu=f['mu'], sigma=f['sigma'], count=int(f['count']), cache=path, **provenance)
+    path = os.path.join(cache_dir or default_cache_dir(), f'refstats-{key[:24]}{"-features" if keep_features else ""}.npz')
+    if os.path.isfile(path):
+        return dict(load_reference_statistics(path, dim=None, features=keep_features), cache=path, **provenance)
     stats = FeatureStats(keep_features=keep_features)
     for start in range(0, len(dataset), 1024):
         stats.add(extractor(dataset.images[start:start + 1024]))
     mu, sigma = stats.statistics()
+    arrays = dict(mu=mu, sigma=sigma, count=stats.n)
+    if keep_features:
+        arrays['features'] = stats.all_features().numpy()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=stats.n), suffix='.npz')
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix='.npz')
     out = dict(mu=mu, sigma=sigma, count=stats.n, cache=path, **provenance)
     if keep_features:
         out['features'] = stats.all_features()

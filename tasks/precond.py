@@ -25,13 +25,16 @@ class Precond(torch.nn.Module):
     out_channel_factor = 1
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type='SongUNet', **model_kwargs):
+        """model_type=None builds no network: the noise-level interface alone (sigma_min,
+        sigma_max, round_sigma), which is all a sampler's sigma grid depends on."""
         super().__init__()
-        if model_type not in NETWORKS:
+        if model_type is not None and model_type not in NETWORKS:
             raise ValueError(f'unknown model_type {model_type!r}; valid: {", ".join(NETWORKS)}')
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.model_type = use_fp16, model_type
-        self.model = NETWORKS[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                          out_channels=img_channels * self.out_channel_factor, label_dim=label_dim, **model_kwargs)
+        self.model = None if model_type is None else NETWORKS[model_type](
+            img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels * self.out_channel_factor,
+            label_dim=label_dim, **model_kwargs)
 
     def coefficients(self, sigma):
         """(c_skip, c_out, c_in, c_noise) for sigma of shape [N, 1, 1, 1] (float32)."""

@@ -16,6 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -29,6 +30,8 @@ from tasks.precond import build_denoiser
 
 @dataclass
 class TrainConfig:
+    """Everything that decides a training run (the spec's `model` and `train` sections map onto
+    these names; these are the only defaults)."""
     preset: str = 'ddpmpp-tiny'            # tasks.networks.PRESETS
     precond: str = 'edm'                   # vp | ve | iddpm | edm
     loss: str = 'edm'                      # vp | ve | edm
@@ -36,23 +39,23 @@ class TrainConfig:
     precond_kwargs: dict = field(default_factory=dict)
     loss_kwargs: dict = field(default_factory=dict)
     cond: bool = False                     # class-conditional (one-hot labels)
-    batch_size: int = 64                   # total over all workers
-    total_kimg: float = 10.0
-    lr: float = 1e-3
+    batch_size: int = 128                  # total over all workers
+    total_kimg: float = 20.0
+    lr: float = 2e-3
     adam_betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lr_rampup_kimg: float = 1.0
-    ema_halflife_kimg: float = 0.5
-    ema_rampup_ratio: float = 0.05         # None disables the ramp-up
+    lr_rampup_kimg: float = 2.0
+    ema_halflife_kimg: float = 4.0
+    ema_rampup_ratio: Optional[float] = 0.05   # None disables the ramp-up
     hflip: bool = False
     bf16: bool = False                     # bf16 autocast of the network
     channels_last: bool = False
     seed: int = 0
-    kimg_per_tick: float = 1.0
-    checkpoint_ticks: int = 5
+    kimg_per_tick: float = 2.0
+    checkpoint_ticks: int = 2
     dynamic_recording: bool = False        # train h_phi(sigma) alongside (Calib Sec. 3.5)
     recording_lr: float = 1e-3
-    recording_table: str = None            # CalibrationTable file to log h_phi's MSE against
+    recording_table: Optional[str] = None  # CalibrationTable file to log h_phi's MSE against
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
@@ -268,6 +271,12 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
     return log
 
 
+def read_log(path):
+    """(resolved config as a dict, tick records) of a NETWORK or checkpoint file."""
+    blob = load_torch_file(path)
+    return blob['config'], blob.get('log', [])
+
+
 def _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log):
     """The trained EMA network with its resolved config and training log (NETWORK file)."""
     atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
@@ -289,10 +298,11 @@ def main(argv=None):
     p.add_argument('--pad-to-32', action='store_true', help='zero-pad 28x28 images to 32x32')
     p.add_argument('--resolution', type=int, default=None, help='resize images to this size')
     p.add_argument('--preset', default='ddpmpp-tiny')
-    p.add_argument('--kimg', type=float, default=40.0, help='training length in thousands of images')
-    p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--ema-kimg', type=float, default=4.0, help='EMA half-life in kimg')
+    defaults = TrainConfig()
+    p.add_argument('--kimg', type=float, default=defaults.total_kimg, help='training length in thousands of images')
+    p.add_argument('--batch', type=int, default=defaults.batch_size)
+    p.add_argument('--lr', type=float, default=defaults.lr)
+    p.add_argument('--ema-kimg', type=float, default=defaults.ema_halflife_kimg, help='EMA half-life in kimg')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--out', default='runs/train', help='run directory (resumed when it holds a checkpoint)')
@@ -301,7 +311,7 @@ def main(argv=None):
 
     dataset = data_mod.load_dataset(args.dataset, args.root, 'train', pad_to_32=args.pad_to_32, resolution=args.resolution)
     config = TrainConfig(preset=args.preset, batch_size=args.batch, total_kimg=args.kimg, lr=args.lr,
-                         lr_rampup_kimg=min(2.0, args.kimg / 4), ema_halflife_kimg=args.ema_kimg,
+                         lr_rampup_kimg=min(defaults.lr_rampup_kimg, args.kimg / 4), ema_halflife_kimg=args.ema_kimg,
                          kimg_per_tick=max(args.kimg / 10, 0.1), seed=args.seed)
     print(f'{args.dataset}: {len(dataset)} images {tuple(dataset.images.shape[1:])}; preset {args.preset}; '
           f'{args.kimg} kimg on {args.device}')

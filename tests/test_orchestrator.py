@@ -21,7 +21,7 @@ TINY = dict(
     experiment='tiny', seed=0,
     data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=512),
     model=dict(preset='ddpmpp-tiny'),
-    train=dict(kimg=0.128, batch_size=16, kimg_per_tick=0.032, checkpoint_ticks=2, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
+    train=dict(total_kimg=0.128, batch_size=16, kimg_per_tick=0.032, checkpoint_ticks=2, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
     calibrate=dict(images=48, chunk_size=8, actors=2, batch_size=16),
     sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=[4, 6])], calibrated=[False, True]),
     evaluate=dict(num_images=6, reference_images=8, batch_size=8, kid=True, precision_recall=True),

@@ -7,7 +7,7 @@ import yaml
 from orchestrator import cli, plan, runner, spec
 
 BASE = dict(experiment='t', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16), model=dict(preset='ddpmpp-tiny'),
-            train=dict(kimg=1, batch_size=16), calibrate=dict(images=32, chunk_size=16, actors=2),
+            train=dict(total_kimg=1, batch_size=16), calibrate=dict(images=32, chunk_size=16, actors=2),
             sweep=dict(samplers=[dict(sampler='dpm_solver', order=[2, 3], steps=10)], calibrated=[False, True]),
             evaluate=dict(num_images=8, reference_images=8))
 
@@ -37,7 +37,7 @@ DELETE = object()
 
 def test_valid_spec_and_grid(tmp_path):
     s = spec.load(_write(tmp_path, BASE))
-    assert s.experiment == 't' and s.train.kimg == 1.0 and s.train.workers == 1
+    assert s.experiment == 't' and s.train.total_kimg == 1.0 and s.train.workers == 1
     trials = s.trials()
     assert len(trials) == 4 and {t['order'] for t in trials} == {2, 3} and {t['calibrated'] for t in trials} == {False, True}
     assert s.hash() == spec.load(_write(tmp_path, BASE, 'copy.yaml')).hash()  # the path is not part of the hash
@@ -56,17 +56,33 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     assert spec.sampler_kwargs(calibrated[0]) == dict(order=2, steps=10)
     one = {st.name: st for st in plan.make_plan(spec.load(_write(tmp_path, _with(calibrate__images=[32, 16, 64]), 'b.yaml')), 'r')}
     assert '16/32/64 images of data' in one['calibrate'].resources
-    assert one['calibrate'].inputs['sweep_sigmas'] == [dict(order=2, steps=10, sampler='dpm_solver'), dict(order=3, steps=10, sampler='dpm_solver')]
+    # The plan resolves the grid once: exactly the sigmas the calibrated trials' samplers ask an
+    # EDM-preconditioned network for when they actually sample (recorded here on a real one).
+    import torch
+    from tasks import precond, samplers
+    net = precond.EDMPrecond(16, 1, model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    asked = set()
+
+    def recording(x, sigma, class_labels=None):
+        asked.update(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).tolist())
+        return net(x, sigma, class_labels)
+    recording.sigma_min, recording.sigma_max, recording.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
+    for order in (2, 3):
+        samplers.dpm_solver_sampler(recording, torch.randn(1, 1, 16, 16), order=order, steps=10)
+    grid = torch.tensor(one['calibrate'].inputs['sigmas'], dtype=torch.float64)
+    nearest = lambda s: float(((grid - s).abs() / s).min())
+    # (union_sigmas keeps one of two sigmas equal to 1e-9 relative, the table lookup's tolerance)
+    assert all(nearest(s) <= 1e-9 for s in asked) and set(grid.tolist()) <= asked
 
 
 @pytest.mark.parametrize('changes,message', [
     (dict(trian=dict(kimg=1)), "trian: unknown section (did you mean 'train'?)"),
-    (dict(train__kimgs=3), "train.kimgs: unknown key (did you mean 'kimg'?)"),
-    (dict(train__kimg='lots'), 'train.kimg: expected a number'),
+    (dict(train__total_kimgs=3), "train.total_kimgs: unknown key (did you mean 'total_kimg'?)"),
+    (dict(train__total_kimg='lots'), 'train.total_kimg: expected a number'),
     (dict(train__batch_size=1.5), 'train.batch_size: expected an integer'),
-    (dict(train__kimg=-1), 'train.kimg: must be positive'),
+    (dict(train__total_kimg=-1), 'train.total_kimg: must be positive'),
     (dict(train__workers=3), 'train.batch_size: 16 is not divisible by train.workers = 3'),
-    (dict(train__use_gpu='maybe'), "train.use_gpu: 'maybe' is not one of: auto, true, false"),
+    (dict(train__use_gpu='maybe'), "train.use_gpu: expected auto, true or false, got 'maybe'"),
     (dict(data__name='fashion_mnist'), "data.name: 'fashion_mnist' is not one of: fashion-mnist"),
     (dict(model__preset='ddpmpp-huge'), "model.preset: 'ddpmpp-huge' is not one of"),
     (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt: no such model file or directory'),
@@ -118,7 +134,7 @@ def test_file_level_errors(tmp_path):
 
 
 def test_cli_prints_one_line_error_without_traceback(tmp_path, capsys):
-    path = _write(tmp_path, _with(train__kimgs=3))
+    path = _write(tmp_path, _with(train__total_kimgs=3))
     assert cli.main(['validate', path]) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'Traceback' not in err and len(err.splitlines()) == 1
@@ -133,7 +149,7 @@ def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
     assert all(not st.done for st in stages)
     # Changing the sweep's evaluation keeps train and calibration; changing training changes all.
     s2 = spec.load(_write(tmp_path, _with(evaluate__num_images=16), 's2.yaml'))
-    s3 = spec.load(_write(tmp_path, _with(train__kimg=2), 's3.yaml'))
+    s3 = spec.load(_write(tmp_path, _with(train__total_kimg=2), 's3.yaml'))
     h = lambda sp: {st.name: st.hash for st in plan.make_plan(sp, str(tmp_path / 'results'))}
     assert h(s2)['train'] == h(s)['train'] and h(s2)['calibrate'] == h(s)['calibrate'] and h(s2)['sweep'] != h(s)['sweep']
     assert all(h(s3)[k] != h(s)[k] for k in ('train', 'calibrate', 'sweep'))
@@ -262,3 +278,56 @@ def test_every_format_round_trips_through_model_checkpoint(tmp_path):
             assert torch.equal(runner._load_model({'checkpoint': outputs})(x, sigma), checkpoints.load_denoiser(files[fmt])(x, sigma))
     with pytest.raises(spec.SpecError, match='model.format: says the format of model.checkpoint'):
         spec.load(_write(tmp_path, _with(model__format='edm-pkl'), 'f.yaml'))
+
+
+def test_train_section_is_train_config():
+    """One set of training defaults: the spec's train section has TrainConfig's names and
+    defaults, and the tasks.train command line starts from them too."""
+    import dataclasses
+    from tasks import train
+    s = spec.parse(dict(experiment='d', data=dict(name='fashion-mnist'), model=dict(preset='ddpmpp-tiny')))
+    assert spec.train_config(s) == train.TrainConfig(preset='ddpmpp-tiny', seed=0)
+    config_names = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert {f.name for f in dataclasses.fields(spec.TrainSpec)} - config_names == {'workers', 'cpus_per_worker', 'use_gpu', 'max_failures'}
+    parser_defaults = {a.dest: a.default for a in _tasks_train_parser()._actions}
+    assert (parser_defaults['kimg'], parser_defaults['lr'], parser_defaults['ema_kimg'], parser_defaults['batch']) == (
+        train.TrainConfig.total_kimg, train.TrainConfig.lr, train.TrainConfig.ema_halflife_kimg, train.TrainConfig.batch_size)
+    s = spec.parse(dict(experiment='d', data=dict(name='fashion-mnist'), model=dict(preset='ddpmpp-tiny'),
+                        train=dict(dynamic_recording=True, cond=True, total_kimg=3)))
+    assert spec.train_config(s).dynamic_recording and spec.train_config(s).cond and spec.train_config(s).total_kimg == 3
+
+
+def _tasks_train_parser():
+    """The argparse parser of `python -m tasks.train`, captured without running it."""
+    import argparse
+    from unittest import mock
+    from tasks import train
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        captured['parser'] = self
+        raise SystemExit(0)
+    with mock.patch.object(argparse.ArgumentParser, 'parse_args', capture), pytest.raises(SystemExit):
+        train.main([])
+    assert real is argparse.ArgumentParser.parse_args
+    return captured['parser']
+
+
+def test_json_schema_checks_the_shipped_specs(tmp_path, capsys):
+    """`orchestrator schema` gives editors a JSON Schema that accepts every example spec and
+    refuses unknown keys, bad choices and missing sections."""
+    import json
+    import jsonschema
+    assert cli.main(['schema', '--out', str(tmp_path / 'schema.json')]) == 0
+    schema = json.loads((tmp_path / 'schema.json').read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for name in sorted(f for f in os.listdir('specs') if f.endswith('.yaml')):
+        with open(os.path.join('specs', name)) as f:
+            errors = list(validator.iter_errors(yaml.safe_load(f)))
+        assert not errors, (name, [e.message for e in errors])
+    for bad in (_with(train__kimgs=3), _with(model__precond='ddim'), _with(data=DELETE), _with(seed=-1),
+                _with(sweep__samplers=[dict(sampler='heun')]), _with(train__use_gpu='maybe')):
+        assert list(validator.iter_errors(bad)), bad
+    assert not list(validator.iter_errors(_with(**{'evaluate__class': 2, 'calibrate__interpolate': True})))

@@ -31,7 +31,7 @@ class Stage:
         """Finished sweep trials of every experiment under this results root, by trial hash:
         a trial whose settings, model, calibration table, evaluation and reference hash the same
         is reused, whichever spec or run asked for it."""
-        return os.path.join(self.root, TRIALS_DIR)
+        return os.path.abspath(os.path.join(self.root, TRIALS_DIR))  # trials run in folders of their own
 
     @property
     def done(self):

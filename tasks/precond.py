@@ -108,9 +108,11 @@ class iDDPMPrecond(Precond):
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
 
     def round_sigma(self, sigma, return_index=False):
-        """Nearest u_j to sigma (the only levels the model was trained on)."""
+        """Nearest u_j to sigma (the only levels the model was trained on). Distances by
+        torch.cdist in float32, as EDM computes them, so that a sigma between two levels rounds
+        the same way EDM's model rounds it."""
         sigma = torch.as_tensor(sigma)
-        index = (sigma.to(self.u.device).to(torch.float32).reshape(-1, 1) - self.u.reshape(1, -1)).abs().argmin(1)
+        index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1), self.u.reshape(1, -1, 1)).argmin(2)
         result = index if return_index else self.u[index].to(sigma.dtype)
         return result.reshape(sigma.shape).to(sigma.device)
 

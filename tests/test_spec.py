@@ -147,6 +147,8 @@ def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
     stages = plan.make_plan(s, str(tmp_path / 'results'))
     assert [st.name for st in stages] == ['train', 'calibrate', 'reference', 'sweep']
     assert all(not st.done for st in stages)
+    # Tune runs each trial in a folder of its own: where finished trials go must not be relative.
+    assert os.path.isabs(plan.make_plan(s, 'results')[-1].trials_dir)
     # Changing the sweep's evaluation keeps train and calibration; changing training changes all.
     s2 = spec.load(_write(tmp_path, _with(evaluate__num_images=16), 's2.yaml'))
     s3 = spec.load(_write(tmp_path, _with(train__total_kimg=2), 's3.yaml'))

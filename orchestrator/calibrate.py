@@ -61,14 +61,12 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_actor_for_test=None, log=print, keep_dir=None):
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
     spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
     (network path and format). Tables are per class when calibrate.per_class asks for it.
     keep_dir: each finished chunk group's partial tables are kept there (the stage's folder, whose
-    hash covers everything that decides them), so a killed run recomputes only the rest.
-    kill_actor_for_test: index of an actor to kill right after its work was submitted (tests
-    the recomputation path)."""
+    hash covers everything that decides them), so a killed run recomputes only the rest."""
     c = spec_calibrate
     counts = c.counts()
     n = counts[-1]
@@ -96,8 +94,6 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, kill_a
     todo = [i for i in range(len(groups)) if i not in partial]
     actors = {i: make_actor() for i in todo}
     pending = {actors[i].estimate.remote(work[i], sigmas, kwargs): i for i in todo}
-    if kill_actor_for_test is not None:
-        ray.kill(actors[kill_actor_for_test])
     rows = data_mod.partition(n, c.chunk_size)
     sizes = [sum(len(rows[j]) for j in group) * len(sigmas) for group in groups]
     bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for i in partial), unit='img', unit_scale=True,

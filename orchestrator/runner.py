@@ -87,12 +87,10 @@ def ray_log_file(path, verbose=False):
             h.setLevel(level)
 
 
-def run(spec, results_root='results', address=None, dry_run=False, log=print, hooks=None, verbose=False):
-    """Run (or, with dry_run, only print) the plan. hooks: test-only failure injection
-    (train_fail_once_at_kimg, kill_calibration_actor). The terminal gets one line per stage,
+def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False):
+    """Run (or, with dry_run, only print) the plan. The terminal gets one line per stage,
     progress bars and the results table; Ray's own log lines go to ray.log in each stage's
     folder (and to the terminal too with verbose). Returns the stages."""
-    hooks = hooks or {}
     stages = plan.make_plan(spec, results_root)
     exp_dir = os.path.join(results_root, spec.experiment)
     log(f'experiment {spec.experiment} (spec {spec.hash()}) -> {exp_dir}')
@@ -117,7 +115,7 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
         log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
         os.makedirs(stage.dir, exist_ok=True)
         with ray_log_file(os.path.join(stage.dir, 'ray.log'), verbose):
-            outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, hooks, log, verbose)
+            outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, log, verbose)
         failed = outputs.get('failed')
         if not reused and not failed:
             stage.mark_done(outputs)
@@ -147,13 +145,13 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ho
 # ---------------------------------------------------------------------------------------------
 # Stage bodies: each returns the outputs recorded in DONE.json.
 
-def _train(spec, stage, state, dataset, hooks, log, verbose=False):
+def _train(spec, stage, state, dataset, log, verbose=False):
     from orchestrator.train import run_train_stage
-    network, device = run_train_stage(spec, stage.dir, fail_once_at_kimg=hooks.get('train_fail_once_at_kimg'))
+    network, device = run_train_stage(spec, stage.dir)
     return dict(network=os.path.abspath(network), format='network.pt', device=device)
 
 
-def _checkpoint(spec, stage, state, dataset, hooks, log, verbose=False):
+def _checkpoint(spec, stage, state, dataset, log, verbose=False):
     fmt = spec.model.format or checkpoints.detect_format(spec.model.checkpoint)
     net = checkpoints.load_denoiser(spec.model.checkpoint, fmt)  # fails here, before any work, if it cannot load
     log(f'model: {spec.model.checkpoint} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
@@ -170,7 +168,7 @@ def _load_model(state):
     return checkpoints.load_denoiser(model['network'], model['format'])
 
 
-def _calibrate(spec, stage, state, dataset, hooks, log, verbose=False):
+def _calibrate(spec, stage, state, dataset, log, verbose=False):
     from orchestrator.calibrate import run_calibration
     net = _load_model(state)
     if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
@@ -188,7 +186,7 @@ def _calibrate(spec, stage, state, dataset, hooks, log, verbose=False):
     tables = {}
     for source in spec.calibrate.sources():
         by_count = run_calibration(_model_outputs(state), dataset, spec.calibrate, source, sigmas, meta,
-                                   hooks.get('kill_calibration_actor'), log, keep_dir=stage.dir)
+                                   log=log, keep_dir=stage.dir)
         for n, table in by_count.items():
             path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
             table.save(path)
@@ -197,7 +195,7 @@ def _calibrate(spec, stage, state, dataset, hooks, log, verbose=False):
     return dict(tables=tables, sigmas=len(sigmas))
 
 
-def _reference(spec, stage, state, dataset, hooks, log, verbose=False):
+def _reference(spec, stage, state, dataset, log, verbose=False):
     e = spec.evaluate
     if e.reference_stats:
         stats = metrics.load_reference_statistics(e.reference_stats)
@@ -212,7 +210,7 @@ def _reference(spec, stage, state, dataset, hooks, log, verbose=False):
     return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
-def _sweep(spec, stage, state, dataset, hooks, log, verbose=False):
+def _sweep(spec, stage, state, dataset, log, verbose=False):
     import ray
     from orchestrator.sweep import run_sweep
     e = spec.evaluate

@@ -24,7 +24,6 @@ from orchestrator.spec import train_config
 from tasks import data as data_mod
 from tasks import train as tasks_train
 
-FAILURE_MARKER = 'injected-failure-done'
 PROGRESS = 'progress.json'
 
 
@@ -36,27 +35,25 @@ def _train_worker(config):
     run_dir = os.path.join(config['run_dir'], f'rank{rank}')
     os.makedirs(run_dir, exist_ok=True)
 
-    checkpoint = ray.train.get_checkpoint()
+    # Every rank starts from the same state: the last checkpoint Ray Train registered, the stage's
+    # newest one, or none. A state file an attempt wrote but died before reporting would put this
+    # rank ahead of the others, and DDP would then wait forever for the ranks behind.
+    checkpoint, local = ray.train.get_checkpoint(), os.path.join(run_dir, tasks_train.CHECKPOINT)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            shutil.copy(os.path.join(d, tasks_train.CHECKPOINT), os.path.join(run_dir, tasks_train.CHECKPOINT))
+            shutil.copy(os.path.join(d, tasks_train.CHECKPOINT), local)
     elif config.get('resume_from'):
-        shutil.copy(config['resume_from'], os.path.join(run_dir, tasks_train.CHECKPOINT))
+        shutil.copy(config['resume_from'], local)
+    elif os.path.exists(local):
+        os.remove(local)
 
     def wrap_ddp(net):
         ids = [device] if device.type == 'cuda' else None
         return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
-    fail_at = config.get('fail_once_at_kimg')  # failure injection for tests of the restart path
-    marker = os.path.join(config['run_dir'], FAILURE_MARKER)
-
     def on_tick(record, checkpoint_path):
         if rank == 0:  # what the driver's progress bar shows (run_train_stage polls it)
             write_json(os.path.join(config['run_dir'], PROGRESS), record)
-        if fail_at is not None and record['kimg'] >= fail_at and not os.path.exists(marker) and checkpoint_path is None:
-            if rank == 0:
-                open(marker, 'w').close()
-                raise RuntimeError(f'injected failure at {record["kimg"]} kimg (fail_once_at_kimg)')
         if checkpoint_path is None:
             ray.train.report(record)
             return
@@ -110,7 +107,7 @@ def latest_checkpoint(storage):
     return max(paths, key=os.path.getmtime) if paths else None
 
 
-def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
+def run_train_stage(spec, stage_dir):
     """Train the spec's model; returns (path of network.pt in stage_dir, device used)."""
     t, config = spec.train, train_config(spec)
     use_gpu = ray.cluster_resources().get('GPU', 0) >= t.workers if t.use_gpu == 'auto' else t.use_gpu
@@ -118,7 +115,7 @@ def run_train_stage(spec, stage_dir, fail_once_at_kimg=None):
     loop_config = dict(
         data=dataclasses.asdict(spec.data),
         train=config.__dict__, run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
-        resume_from=latest_checkpoint(storage), fail_once_at_kimg=fail_once_at_kimg,
+        resume_from=latest_checkpoint(storage),
         data_info=dict(name=spec.data.name))
     trainer = ray.train.torch.TorchTrainer(
         _train_worker, train_loop_config=loop_config,

@@ -1,9 +1,12 @@
 """Orchestrator tests; those on the embedded local cluster (the ray_cluster fixture of
 conftest.py, started once per session) carry the `ray` marker."""
+import json
 import os
 import re
+import signal
 import sys
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -40,19 +43,49 @@ def _spec(tmp_path, name='s.yaml', **changes):
     return spec.load(str(path))
 
 
+def _kill_one_actor(class_name, ready, kills):
+    """In a thread: once ready() says so, SIGKILL the process of one live actor of class_name
+    (as a crashed or pre-empted worker dies), and record its pid in `kills`."""
+    from ray.util.state import list_actors
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            alive = list_actors(filters=[('class_name', '=', class_name), ('state', '=', 'ALIVE')], raise_on_missing_output=False)
+            if alive and ready():
+                pid = alive[0].pid
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+                return
+            time.sleep(0.2)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 @needs_fashion
 def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path):
-    """A 2-worker DDP run that fails mid-way is restarted by FailureConfig from its last
-    checkpoint and ends with the same weights as an uninterrupted run (per-rank data order and
-    noise are restored)."""
-    from orchestrator.train import FAILURE_MARKER, run_train_stage
-    s = _spec(tmp_path, train=dict(workers=2, max_failures=1))
+    """A 2-worker DDP run whose worker process is killed after the first checkpoint is restarted
+    by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
+    (per-rank data order and noise are restored)."""
+    from orchestrator.train import PROGRESS, run_train_stage
+    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.64, kimg_per_tick=0.064, checkpoint_ticks=1))
     failed_dir, clean_dir = tmp_path / 'failed', tmp_path / 'clean'
-    network, device = run_train_stage(s, str(failed_dir), fail_once_at_kimg=0.096)
-    assert (failed_dir / 'workers' / FAILURE_MARKER).exists()  # it did fail once
+
+    def past_first_checkpoint():
+        try:
+            with open(failed_dir / 'workers' / PROGRESS) as f:
+                return json.load(f)['kimg'] >= 0.128
+        except (OSError, ValueError):
+            return False
+    kills = []
+    watcher = _kill_one_actor('RayTrainWorker', past_first_checkpoint, kills)
+    network, device = run_train_stage(s, str(failed_dir))
+    watcher.join()
+    assert kills  # a worker did die mid-run
     clean, _ = run_train_stage(s, str(clean_dir))
     a, b = torch.load(network, weights_only=True), torch.load(clean, weights_only=True)
-    assert a['cur_nimg'] == b['cur_nimg'] == 128 and device == 'cpu'
+    assert a['cur_nimg'] == b['cur_nimg'] == 640 and device == 'cpu'
     for name in a['ema']:
         assert torch.equal(a['ema'][name], b['ema'][name]), name
     assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
@@ -78,12 +111,19 @@ def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
     sigmas = calibration.queried_sigmas('dpm_solver', net, steps=4, order=2, method='multistep')
     messages = []
     whole = run_calibration(network, ds, s.calibrate, 'data', sigmas, dict(dataset='x'), log=messages.append)
-    killed = run_calibration(network, ds, s.calibrate, 'data', sigmas, dict(dataset='x'), kill_actor_for_test=0, log=messages.append)
-    assert any('was lost' in m for m in messages)
-    assert sorted(whole) == sorted(killed) == [16, 48]
-    assert killed[48].chunks == whole[48].chunks == set(range(6)) and whole[16].chunks == {0, 1}
+    # An actor process killed while it works (a denser grid keeps the actors busy for seconds).
+    dense = calibration.union_sigmas(sigmas, calibration.queried_sigmas('edm', net, num_steps=64))
+    started = time.time()
+    kills = []
+    watcher = _kill_one_actor('CalibrationActor', lambda: time.time() > started + 1.0, kills)
+    killed = run_calibration(network, ds, s.calibrate, 'data', dense, dict(dataset='x'), log=messages.append)
+    watcher.join()
+    assert kills and any('was lost' in m for m in messages)
+    undisturbed = run_calibration(network, ds, s.calibrate, 'data', dense, dict(dataset='x'), log=messages.append)
+    assert sorted(undisturbed) == sorted(killed) == [16, 48]
+    assert killed[48].chunks == undisturbed[48].chunks == set(range(6)) and whole[16].chunks == {0, 1}
     for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
-        assert torch.equal(getattr(killed[48], name), getattr(whole[48], name)), name
+        assert torch.equal(getattr(killed[48], name), getattr(undisturbed[48], name)), name
     first = calibration.estimate_table(net, ds.images[:48], sigmas, chunk_size=8, chunk_indices=[0, 1], batch_size=16)
     assert whole[16].meta['image_count'] == first.meta['image_count'] == 16 and torch.equal(whole[16].count, first.count)
     # Same images and noise; D differs only by float32 rounding (the actor runs torch on 1 thread).

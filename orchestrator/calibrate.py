@@ -115,10 +115,12 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
             ray.kill(actors.pop(i))  # its CPUs (or GPU share) go back to the cluster now
             for s, table in partial[i].items() if keep_dir else ():
                 table.save(kept(i, s))
-            bar.n = sum(sizes[j] for j in partial)
+            bar.n = max(bar.n, sum(sizes[j] for j in partial))  # the running actors' work still counts
             bar.refresh()
         except RayActorError as e:
             log(f'calibrate ({source}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
+            bar.n = sum(sizes[j] for j in partial)  # what that actor had done is lost
+            bar.refresh()
             actors[i] = make_actor()
             pending[actors[i].estimate.remote(work[i], sigmas, kwargs)] = i
     bar.close()

@@ -48,7 +48,7 @@ def _trial(config):
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
     result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
-                              batch_size=ctx['batch_size'], device=device, with_kid=ctx['kid'], with_pr=ctx['precision_recall'],
+                              batch_size=ctx['batch_size'], device=device, kid=ctx['kid'], precision_recall=ctx['precision_recall'],
                               class_idx=ctx['class_idx'], **sampler_kwargs(trial))
     row = dict(trial_row(trial), trial_hash=item['hash'],
                **{k: (str(v) if k.endswith('_blocks') else v) for k, v in result.items()},

@@ -250,7 +250,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return fd
 
 
-def kid(features_1, features_2, subsets=100, subset_size=1000, seed=2020):
+def kernel_inception_distance(features_1, features_2, subsets=100, subset_size=1000, seed=2020):
     """Kernel Inception Distance (unbiased MMD^2, cubic polynomial kernel) by torch-fidelity:
     mean and std over `subsets` random subsets of `subset_size` from each set."""
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -262,7 +262,7 @@ def kid(features_1, features_2, subsets=100, subset_size=1000, seed=2020):
     return dict(kid_mean=out[KEY_METRIC_KID_MEAN], kid_std=out[KEY_METRIC_KID_STD])
 
 
-def precision_recall(features_generated, features_real, neighborhood=3):
+def improved_precision_recall(features_generated, features_real, neighborhood=3):
     """Improved precision and recall (Kynkaanniemi et al. 2019) by torch-fidelity, k = neighborhood."""
     from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
     if min(len(features_generated), len(features_real)) <= neighborhood:
@@ -354,7 +354,7 @@ def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, devic
 
 
 def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1, batch_size=64, device='cpu',
-             with_kid=False, with_pr=False, kid_subset_size=1000, **sampler_kwargs):
+             kid=False, precision_recall=False, kid_subset_size=1000, **sampler_kwargs):
     """FID (or, off the FID network, a labelled Frechet distance) of num_images samples against
     `reference` (reference_statistics). EDM's protocol: block b uses seeds b*N .. (b+1)*N - 1;
     with seed_blocks = 3 the minimum and the mean over blocks are reported. KID and precision/recall
@@ -363,16 +363,16 @@ def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1
     values, extra = [], {}
     for b in range(seed_blocks):
         stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
-                                       device, keep_features=(with_kid or with_pr) and b == 0, **sampler_kwargs)
+                                       device, keep_features=(kid or precision_recall) and b == 0, **sampler_kwargs)
         values.append(frechet_distance(*stats.statistics(), reference['mu'], reference['sigma']))
-        if b == 0 and (with_kid or with_pr):
+        if b == 0 and (kid or precision_recall):
             if 'features' not in reference:
                 raise MetricsError('KID and precision/recall need reference features: reference_statistics(keep_features=True)')
             generated = stats.all_features()
-            if with_kid:
-                extra.update(kid(generated, reference['features'], subset_size=min(kid_subset_size, num_images)))
-            if with_pr:
-                extra.update(precision_recall(generated, reference['features']))
+            if kid:
+                extra.update(kernel_inception_distance(generated, reference['features'], subset_size=min(kid_subset_size, num_images)))
+            if precision_recall:
+                extra.update(improved_precision_recall(generated, reference['features']))
     result = {key: min(values), f'{key}_mean': float(np.mean(values)), f'{key}_blocks': values,
               'num_samples': num_images, 'seed_blocks': seed_blocks, 'nfe': nfe, 'reference_count': reference['count'],
               **extractor.provenance, **extra}

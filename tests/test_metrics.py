@@ -73,20 +73,20 @@ def test_kid_is_unbiased_near_zero_and_positive_for_shift():
     estimates = []
     for _ in range(20):
         a, b = torch.randn(400, 32, generator=g), torch.randn(400, 32, generator=g)
-        estimates.append(metrics.kid(a, b, subsets=10, subset_size=200, seed=1)['kid_mean'])
+        estimates.append(metrics.kernel_inception_distance(a, b, subsets=10, subset_size=200, seed=1)['kid_mean'])
     estimates = np.array(estimates)
     assert abs(estimates.mean()) < 3 * estimates.std() / np.sqrt(len(estimates))
-    shifted = metrics.kid(torch.randn(400, 32, generator=g), torch.randn(400, 32, generator=g) + 0.5, subsets=10, subset_size=200)
+    shifted = metrics.kernel_inception_distance(torch.randn(400, 32, generator=g), torch.randn(400, 32, generator=g) + 0.5, subsets=10, subset_size=200)
     assert shifted['kid_mean'] > 10 * estimates.std()
     with pytest.raises(metrics.MetricsError, match='subset_size 1000 exceeds'):
-        metrics.kid(torch.randn(100, 4), torch.randn(100, 4))
+        metrics.kernel_inception_distance(torch.randn(100, 4), torch.randn(100, 4))
 
 
 def test_precision_recall_separates_supports():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(300, 8, generator=g)
-    same = metrics.precision_recall(torch.randn(300, 8, generator=g), real)
-    far = metrics.precision_recall(torch.randn(300, 8, generator=g) + 10, real)
+    same = metrics.improved_precision_recall(torch.randn(300, 8, generator=g), real)
+    far = metrics.improved_precision_recall(torch.randn(300, 8, generator=g) + 10, real)
     assert same['precision'] > 0.8 and same['recall'] > 0.8
     assert far['precision'] == 0 and far['recall'] == 0
 
@@ -180,7 +180,7 @@ def test_evaluate_plumbing_is_not_called_fid(tmp_path, random_state_dict):
     ref = metrics.reference_statistics(data.ImageDataset(ref_images, torch.zeros(8, dtype=torch.long), 'ref'), extractor,
                                        cache_dir=str(tmp_path), keep_features=True)
     result = metrics.evaluate(net, ref, extractor, num_images=6, sampler='edm', seed_blocks=2, num_steps=4,
-                              with_kid=True, with_pr=True, kid_subset_size=4)
+                              kid=True, precision_recall=True, kid_subset_size=4)
     assert 'fid' not in result and 'not the FID Inception network' in result['note']
     assert result['frechet_distance'] == min(result['frechet_distance_blocks']) and len(result['frechet_distance_blocks']) == 2
     assert result['nfe'] == 7 and result['num_samples'] == 6 and result['weights_sha256'] is None

@@ -18,13 +18,17 @@ from tasks.files import sha256_file
 
 @dataclass
 class Stage:
+    """One stage, fully resolved: its body runs from `inputs` (everything that decides the
+    result: hashed), `options` (how and where it runs, and files whose content `inputs` hashes)
+    and its upstream stages' outputs alone."""
     name: str
     hash: str
     dir: str
     inputs: dict
-    resources: str
+    resources: str                                 # the plan's one-line description of what it asks for
     depends: dict = field(default_factory=dict)   # upstream stage name -> its hash
     root: str = 'results'                          # the results root the plan was made for
+    options: dict = field(default_factory=dict)
 
     @property
     def trials_dir(self):
@@ -46,8 +50,8 @@ class Stage:
 
 
 # Settings that decide where and how fast work runs, never its result (calibration merges are
-# exact for any partition and batch size): left out of the stage hashes.
-NOT_HASHED = dict(calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size'),
+# exact for any partition and batch size): stage options, left out of the hashes.
+NOT_HASHED = dict(calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size', 'interpolate'),
                   evaluate=('batch_size',))
 
 
@@ -58,29 +62,34 @@ def _hashed(section, values):
     return {k: v for k, v in values.items() if k not in NOT_HASHED.get(section, ())}
 
 
+def _options(section, values):
+    return {k: v for k, v in values.items() if k in NOT_HASHED.get(section, ())}
+
+
 def make_plan(spec, results_root):
-    """The ordered stages of a spec under results_root/<experiment>/stages/."""
+    """The ordered stages of a spec under results_root/<experiment>/stages/: the one place the
+    spec is resolved (defaults, the training config, the calibration grid, the trial list)."""
     base = os.path.join(results_root, spec.experiment, 'stages')
     stages = []
 
-    def add(name, inputs, resources, depends=()):
+    def add(name, inputs, resources, depends=(), **options):
         h = stable_hash(dict(inputs, depends=[s.hash for s in depends]))
         stage = Stage(name, h, os.path.join(base, f'{name}-{h}'), inputs, resources, {s.name: s.hash for s in depends},
-                      results_root)
+                      results_root, dict(options, spec_path=spec.path))
         stages.append(stage)
         return stage
 
     data = asdict(spec.data)
     if spec.model.checkpoint:
         model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint), format=spec.model.format),
-                    'none (reads model.checkpoint)')
+                    'none (reads model.checkpoint)', path=spec.model.checkpoint)
     else:
         t, config = spec.train, train_config(spec)
         gpu = {True: 'GPU', False: 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[t.use_gpu]
         # The worker count decides each rank's data order and noise, so it is part of the result.
         model = add('train', dict(data=data, config=asdict(config), workers=t.workers),
                     f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {config.total_kimg} kimg at batch '
-                    f'{config.batch_size}')
+                    f'{config.batch_size}', cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, max_failures=t.max_failures)
     trials = spec.trials()
     calibrate = None
     if spec.calibrate is not None:
@@ -88,20 +97,24 @@ def make_plan(spec, results_root):
         sigmas = [float(s) for s in calibration_sigmas(spec, trials)]
         calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sigmas=sigmas),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
-                        f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}', [model])
+                        f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}',
+                        [model], **_options('calibrate', asdict(c)))
     if spec.sweep is not None:
         e = spec.evaluate
         if e.reference_stats:
-            reference = add('reference', dict(stats_sha256=sha256_file(e.reference_stats)), 'none (reads evaluate.reference_stats)')
+            reference = add('reference', dict(stats_sha256=sha256_file(e.reference_stats)), 'none (reads evaluate.reference_stats)',
+                             path=e.reference_stats)
         else:
-            reference = add('reference', dict(data=dict(data, split=e.reference_split), images=e.reference_images,
+            reference = add('reference', dict(data=dict(data, split=e.reference_split, limit=e.reference_images),
                                               weights=e.inception_weights, features=e.kid or e.precision_recall),
-                            f'1 process; {e.reference_images} images')
+                            f'1 process; {e.reference_images} images', batch_size=e.batch_size)
         r = spec.sweep.resources
-        add('sweep', dict(trials=trials, evaluate=_hashed('evaluate', asdict(e))),
-                    f'{len(trials)} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
-                    f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
-                    [s for s in (model, calibrate, reference) if s is not None])
+        add('sweep', dict(trials=trials, evaluate=_hashed('evaluate', asdict(e)),
+                          interpolate=spec.calibrate is not None and spec.calibrate.interpolate),
+            f'{len(trials)} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
+            f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
+            [s for s in (model, calibrate, reference) if s is not None], trial_resources=r, max_failures=spec.sweep.max_failures,
+            **_options('evaluate', asdict(e)))
     return stages
 
 

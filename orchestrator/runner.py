@@ -19,11 +19,11 @@ from tasks import calibration, checkpoints, data, metrics
 from tasks import train as tasks_train
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
+RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'runs', '.venv', '.git', '.device']
 
 
 class StageFailed(RuntimeError):
     """A stage that finished with some of its work failed (named in the message)."""
-RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'runs', '.venv', '.git', '.device']
 
 
 def free_port():
@@ -51,8 +51,8 @@ def init_ray(address=None, num_cpus=None, verbose=False):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES), log_to_driver=verbose)
         return None
-    # Read when Ray starts its processes: keep every listener, the node address and the
-    # training process group on 127.0.0.1, and skip token auth (nothing else can connect).
+    # Read when Ray starts its processes: keep Ray's listeners and the node address on 127.0.0.1,
+    # and skip token auth (nothing else can connect).
     os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
     os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
     # address='local': always a cluster of our own, even when `ray start` left one on this machine.
@@ -115,7 +115,8 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
         log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
         os.makedirs(stage.dir, exist_ok=True)
         with ray_log_file(os.path.join(stage.dir, 'ray.log'), verbose):
-            outputs = stage.outputs() if reused else STAGES[stage.name](spec, stage, state, dataset, log, verbose)
+            upstream = {name: state[name] for name in stage.depends}
+            outputs = stage.outputs() if reused else STAGES[stage.name](stage, upstream, dataset, log, verbose)
         failed = outputs.get('failed')
         if not reused and not failed:
             stage.mark_done(outputs)
@@ -143,50 +144,51 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage bodies: each returns the outputs recorded in DONE.json.
+# Stage bodies: each runs from its stage (inputs, options) and its upstream stages' outputs
+# (`upstream`, by stage name) alone, and returns the outputs recorded in DONE.json.
 
-def _train(spec, stage, state, dataset, log, verbose=False):
+def _train(stage, upstream, dataset, log, verbose=False):
     from orchestrator.train import run_train_stage
-    network, device = run_train_stage(spec, stage.dir)
+    network, device = run_train_stage(stage.dir, tasks_train.TrainConfig(**stage.inputs['config']), stage.inputs['data'],
+                                      workers=stage.inputs['workers'], cpus_per_worker=stage.options['cpus_per_worker'],
+                                      use_gpu=stage.options['use_gpu'], max_failures=stage.options['max_failures'])
     return dict(network=os.path.abspath(network), format='network.pt', device=device)
 
 
-def _checkpoint(spec, stage, state, dataset, log, verbose=False):
-    fmt = spec.model.format or checkpoints.detect_format(spec.model.checkpoint)
-    net = checkpoints.load_denoiser(spec.model.checkpoint, fmt)  # fails here, before any work, if it cannot load
-    log(f'model: {spec.model.checkpoint} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
+def _checkpoint(stage, upstream, dataset, log, verbose=False):
+    path = stage.options['path']
+    fmt = stage.inputs['format'] or checkpoints.detect_format(path)
+    net = checkpoints.load_denoiser(path, fmt)  # fails here, before any work, if it cannot load
+    log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
         f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g})')
-    return dict(network=os.path.abspath(spec.model.checkpoint), format=fmt, device=None, sha256=net.source['sha256'])
+    return dict(network=os.path.abspath(path), format=fmt, device=None, sha256=net.source['sha256'])
 
 
-def _model_outputs(state):
-    return state.get('train') or state['checkpoint']
+def _model_outputs(upstream):
+    return upstream.get('train') or upstream['checkpoint']
 
 
-def _load_model(state):
-    model = _model_outputs(state)
-    return checkpoints.load_denoiser(model['network'], model['format'])
-
-
-def _calibrate(spec, stage, state, dataset, log, verbose=False):
+def _calibrate(stage, upstream, dataset, log, verbose=False):
     from orchestrator.calibrate import run_calibration
-    net = _load_model(state)
+    from orchestrator.spec import CalibrateSpec
+    model, where = _model_outputs(upstream), stage.options['spec_path']
+    c = CalibrateSpec(**stage.inputs['calibrate'], **{k: v for k, v in stage.options.items() if k != 'spec_path'})
+    net = checkpoints.load_denoiser(model['network'], model['format'])
     if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
-        raise SpecError(f'{spec.path}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+        raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
                         f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
                         '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
-    if True in spec.calibrate.per_class_options() and 'generated' in spec.calibrate.sources() and not net.label_dim:
-        raise SpecError(f'{spec.path}: calibrate.per_class: generated images of an unconditional model have no classes')
+    if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
+        raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
     if net.label_dim and net.label_dim != dataset.num_classes:
-        raise SpecError(f'{spec.path}: data: the model is conditional on {net.label_dim} classes, {spec.data.name} has '
+        raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
                         f'{dataset.num_classes}')
     sigmas = torch.tensor(stage.inputs['sigmas'], dtype=torch.float64)  # the plan's grid, as hashed
     log(f'calibrate: {len(sigmas)} sigmas (every sigma the calibrated trials will query)')
     meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
     tables = {}
-    for source in spec.calibrate.sources():
-        by_count = run_calibration(_model_outputs(state), dataset, spec.calibrate, source, sigmas, meta,
-                                   log=log, keep_dir=stage.dir)
+    for source in c.sources():
+        by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=log, keep_dir=stage.dir)
         for n, table in by_count.items():
             path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
             table.save(path)
@@ -195,34 +197,33 @@ def _calibrate(spec, stage, state, dataset, log, verbose=False):
     return dict(tables=tables, sigmas=len(sigmas))
 
 
-def _reference(spec, stage, state, dataset, log, verbose=False):
-    e = spec.evaluate
-    if e.reference_stats:
-        stats = metrics.load_reference_statistics(e.reference_stats)
-        log(f'reference: published statistics {e.reference_stats} (sha256 {stats["sha256"][:16]}...)')
+def _reference(stage, upstream, dataset, log, verbose=False):
+    if 'stats_sha256' in stage.inputs:
+        stats = metrics.load_reference_statistics(stage.options['path'])
+        log(f'reference: published statistics {stage.options["path"]} (sha256 {stats["sha256"][:16]}...)')
         return dict(stats=stats['source'], count=stats['count'], sha256=stats['sha256'], weights_sha256=None)
-    ref = data.load_dataset(**dict(dataclasses.asdict(spec.data), split=e.reference_split, limit=e.reference_images))
-    extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(e.inception_weights),
-                                          batch_size=e.batch_size, device='cuda' if torch.cuda.is_available() else 'cpu')
-    log(f'reference: features of {len(ref)} {spec.data.name} {e.reference_split} images ({extractor.weights.source})')
-    keep = e.kid or e.precision_recall  # these compare features, not mean and covariance
-    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=keep)
+    ref = data.load_dataset(**stage.inputs['data'])
+    extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(stage.inputs['weights']),
+                                          batch_size=stage.options['batch_size'],
+                                          device='cuda' if torch.cuda.is_available() else 'cpu')
+    log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
+    # KID and precision/recall compare features, not mean and covariance.
+    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=stage.inputs['features'])
     return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
-def _sweep(spec, stage, state, dataset, log, verbose=False):
+def _sweep(stage, upstream, dataset, log, verbose=False):
     import ray
     from orchestrator.sweep import run_sweep
-    e = spec.evaluate
-    reference = metrics.load_reference_statistics(state['reference']['stats'], features=e.kid or e.precision_recall)
-    context = dict(model=_model_outputs(state), tables=state.get('calibrate', {}).get('tables', {}), class_idx=e.class_idx,
-                   interpolate=spec.calibrate is not None and spec.calibrate.interpolate,
-                   reference=ray.put(reference), trials_dir=stage.trials_dir, num_images=e.num_images,
-                   seed_blocks=e.seed_blocks, batch_size=e.batch_size, kid=e.kid, precision_recall=e.precision_recall,
-                   inception_weights=e.inception_weights)
+    e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
+    reference = metrics.load_reference_statistics(upstream['reference']['stats'], features=e['kid'] or e['precision_recall'])
+    context = dict(model=_model_outputs(upstream), tables=upstream.get('calibrate', {}).get('tables', {}),
+                   interpolate=stage.inputs['interpolate'], reference=ray.put(reference), trials_dir=stage.trials_dir,
+                   **{k: e[k] for k in ('class_idx', 'num_images', 'seed_blocks', 'batch_size', 'kid', 'precision_recall',
+                                        'inception_weights')})
     trials = stage.inputs['trials']
-    rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, spec.sweep.resources, stage.dir,
-                             max_failures=spec.sweep.max_failures, verbose=verbose, log=log)
+    rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, stage.options['trial_resources'], stage.dir,
+                             max_failures=stage.options['max_failures'], verbose=verbose, log=log)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
     return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
 

@@ -20,7 +20,6 @@ import ray.train.torch
 import torch
 
 from orchestrator.results import write_json
-from orchestrator.spec import train_config
 from tasks import data as data_mod
 from tasks import train as tasks_train
 
@@ -107,22 +106,19 @@ def latest_checkpoint(storage):
     return max(paths, key=os.path.getmtime) if paths else None
 
 
-def run_train_stage(spec, stage_dir):
-    """Train the spec's model; returns (path of network.pt in stage_dir, device used)."""
-    t, config = spec.train, train_config(spec)
-    use_gpu = ray.cluster_resources().get('GPU', 0) >= t.workers if t.use_gpu == 'auto' else t.use_gpu
+def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use_gpu='auto', max_failures=2):
+    """Train `config` (tasks.train.TrainConfig) on the dataset of `data` (tasks.data.load_dataset
+    keyword arguments) with Ray Train; returns (path of network.pt in stage_dir, device used)."""
+    use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if use_gpu == 'auto' else use_gpu
     storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
-    loop_config = dict(
-        data=dataclasses.asdict(spec.data),
-        train=config.__dict__, run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
-        resume_from=latest_checkpoint(storage),
-        data_info=dict(name=spec.data.name))
+    loop_config = dict(data=data, train=dataclasses.asdict(config), run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
+                       resume_from=latest_checkpoint(storage), data_info=dict(name=data['name']))
     trainer = ray.train.torch.TorchTrainer(
         _train_worker, train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=use_gpu,
-                                               resources_per_worker=dict(CPU=t.cpus_per_worker)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=dict(CPU=cpus_per_worker)),
         run_config=ray.train.RunConfig(name='train', storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), config.total_kimg):
         result = trainer.fit()

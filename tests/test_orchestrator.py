@@ -80,10 +80,13 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
             return False
     kills = []
     watcher = _kill_one_actor('RayTrainWorker', past_first_checkpoint, kills)
-    network, device = run_train_stage(s, str(failed_dir))
+    train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
+    run = lambda stage_dir: run_train_stage(stage_dir, tasks_train.TrainConfig(**train.inputs['config']), train.inputs['data'],
+                                            workers=2, max_failures=1)
+    network, device = run(str(failed_dir))
     watcher.join()
     assert kills  # a worker did die mid-run
-    clean, _ = run_train_stage(s, str(clean_dir))
+    clean, _ = run(str(clean_dir))
     a, b = torch.load(network, weights_only=True), torch.load(clean, weights_only=True)
     assert a['cur_nimg'] == b['cur_nimg'] == 640 and device == 'cpu'
     for name in a['ema']:

@@ -274,10 +274,12 @@ def test_every_format_round_trips_through_model_checkpoint(tmp_path):
         if fmt not in files:
             continue  # diffusers not installed (the optional extra)
         s = spec.load(_write(tmp_path, _with(model__checkpoint=files[fmt]), f'{fmt}.yaml'))
-        outputs = runner._checkpoint(s, None, {}, None, log=lambda *a: None)
+        stage = plan.make_plan(s, str(tmp_path / 'results'))[0]
+        outputs = runner._checkpoint(stage, {}, None, log=lambda *a: None)
         assert outputs['format'] == fmt and outputs['sha256'] == checkpoints.sha256_file(files[fmt])
         with torch.no_grad():
-            assert torch.equal(runner._load_model({'checkpoint': outputs})(x, sigma), checkpoints.load_denoiser(files[fmt])(x, sigma))
+            loaded = checkpoints.load_denoiser(outputs['network'], outputs['format'])  # as the stages downstream load it
+            assert torch.equal(loaded(x, sigma), checkpoints.load_denoiser(files[fmt])(x, sigma))
     with pytest.raises(spec.SpecError, match='model.format: says the format of model.checkpoint'):
         spec.load(_write(tmp_path, _with(model__format='edm-pkl'), 'f.yaml'))
 

@@ -63,6 +63,30 @@ def init_ray(address=None, num_cpus=None, verbose=False):
     return f'http://{context.dashboard_url}'
 
 
+def check_resources(spec, total, fixed_size, log=print):
+    """Compare what the spec asks of one training worker, calibration actor or sweep trial with
+    what the cluster has (`total`: ray.cluster_resources()). On a cluster that cannot grow (the
+    embedded one) a request it can never meet is refused, naming the field; on another cluster
+    (it may autoscale) the orchestrator says what it will wait for."""
+    asks = []
+    if not spec.model.checkpoint:
+        t = spec.train
+        asks += [('train.cpus_per_worker', 'CPU', t.cpus_per_worker, 'training worker'),
+                 ('train.use_gpu', 'GPU', 1 if t.use_gpu is True else 0, 'training worker')]
+    if spec.calibrate is not None:
+        asks += [('calibrate.cpus_per_actor', 'CPU', spec.calibrate.cpus_per_actor, 'calibration actor'),
+                 ('calibrate.gpus_per_actor', 'GPU', spec.calibrate.gpus_per_actor, 'calibration actor')]
+    if spec.sweep is not None:
+        asks += [(f'sweep.resources.{k}', k.upper(), v, 'sweep trial') for k, v in spec.sweep.resources.items()]
+    for field, kind, amount, unit in asks:
+        have = total.get(kind, 0)
+        if amount > have:
+            message = f'{field}: asks {amount:g} {kind} per {unit}, the cluster has {have:g} {kind} in all'
+            if fixed_size:
+                raise SpecError(f'{spec.path}: {message}; lower it, or run on a cluster that has them (--address)')
+            log(f'waiting for resources: {message} now; the run waits until the cluster provides them')
+
+
 @contextlib.contextmanager
 def ray_log_file(path, verbose=False):
     """Ray's driver-side log records (Tune, Train, core) at INFO and above go to `path`; the
@@ -98,17 +122,25 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
     if dry_run:
         return stages
     init_ray(address, verbose=verbose)
-    os.makedirs(exp_dir, exist_ok=True)
-    results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
-    prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
+    import ray
     # The data are read only by the stages that need them: training, calibration, and reference
     # statistics not given as a published file (a pretrained model with published statistics needs none).
     needs_data = not spec.model.checkpoint or spec.calibrate is not None or (spec.sweep and not spec.evaluate.reference_stats)
     dataset = data.load_dataset(**dataclasses.asdict(spec.data)) if needs_data else None
-    c = spec.calibrate
+    c, e = spec.calibrate, spec.evaluate
     if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
         raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
                         f'{spec.data.split} holds {len(dataset)} (after data.limit)')
+    reference = [s for s in stages if s.name == 'reference' and 'data' in s.inputs and not s.done]
+    if reference:
+        held = len(data.load_dataset(**dict(reference[0].inputs['data'], limit=None)))
+        if e.reference_images > held:
+            raise SpecError(f'{spec.path}: evaluate.reference_images: {e.reference_images} images asked for, but '
+                            f'{spec.data.name} {e.reference_split} holds {held}')
+    check_resources(spec, ray.cluster_resources(), fixed_size=not address and not os.environ.get('RAY_ADDRESS'), log=log)
+    os.makedirs(exp_dir, exist_ok=True)  # nothing is written before every check above passed
+    results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
+    prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
     state, timings = {}, []
     for stage in stages:
         start, reused = time.time(), stage.done

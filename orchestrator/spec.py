@@ -297,8 +297,10 @@ def parse(raw, path='<spec>'):
     if 'experiment' not in raw:
         _fail(path, 'experiment', 'missing: give the experiment a name (results go to <results>/<experiment>/)')
     name = raw['experiment']
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in '-_.' for c in name):
-        _fail(path, 'experiment', f'expected a name of letters, digits, "-", "_" or ".", got {name!r}')
+    # One plain folder name under the results root: not '.', '..' or hidden (.trials lives there).
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in '-_.' for c in name) or name.startswith('.'):
+        _fail(path, 'experiment', f'expected a name of letters, digits, "-", "_" or "." that does not start with ".", '
+                                  f'got {name!r}')
     for required, example in (('data', '{name: fashion-mnist}'), ('model', '{preset: ddpmpp-tiny} or {checkpoint: FILE}')):
         if required not in raw:
             _fail(path, required, f'missing: say which {required} the experiment uses, e.g. {required}: {example}')

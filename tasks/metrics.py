@@ -376,6 +376,13 @@ def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1
     result = {key: min(values), f'{key}_mean': float(np.mean(values)), f'{key}_blocks': values,
               'num_samples': num_images, 'seed_blocks': seed_blocks, 'nfe': nfe, 'reference_count': reference['count'],
               **extractor.provenance, **extra}
+    notes = []
     if not extractor.is_fid_network:
-        result['note'] = f'features from {extractor.name}, not the FID Inception network: not comparable to FID'
+        notes.append(f'features from {extractor.name}, not the FID Inception network: not comparable to FID')
+    dim = reference['mu'].shape[0]
+    if num_images < dim:  # the sample covariance has rank < num_images: the estimate is far above the limit
+        notes.append(f'{num_images} samples < {dim} feature dimensions: the covariance is rank-deficient and the Frechet '
+                     f'distance strongly biased upward; compare only rows with the same number of samples')
+    if notes:
+        result['note'] = '; '.join(notes)
     return result

@@ -197,6 +197,7 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     assert set(results.PROVENANCE) <= set(sweep.columns)
     assert {'label', 'sampler', 'calibrated', 'params', 'nfe', 'fid', 'num_samples', 'weights_sha256', 'wall_time'} <= set(sweep.columns)
     assert sorted(sweep['nfe']) == [4, 4, 6, 6] and sweep['fid'].notna().all() and (sweep['num_samples'] == 6).all()
+    assert sweep['note'].str.contains('6 samples < 2048 feature dimensions').all()  # small-sample FID is labelled
     # KID and precision/recall need the reference stage's features, which it keeps when asked.
     assert sweep[['kid_mean', 'kid_std', 'precision', 'recall']].notna().all().all()
     cal = results.read_table(root, 'tiny', 'calibration')
@@ -294,3 +295,15 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, capsys):
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     assert '== train' in logs
+
+
+@needs_fashion
+def test_impossible_requests_stop_before_any_stage(ray_cluster, tmp_path):
+    """On the embedded (CPU-only, fixed-size) cluster a GPU request, or more reference images than
+    the split holds, is refused with the field before anything is written or run."""
+    root = tmp_path / 'results'
+    with pytest.raises(spec.SpecError, match=r'sweep.resources.gpu: asks 1 GPU per sweep trial, the cluster has 0 GPU'):
+        runner.run(_spec(tmp_path, sweep=dict(TINY['sweep'], resources=dict(cpu=1, gpu=1))), results_root=str(root))
+    with pytest.raises(spec.SpecError, match=r'evaluate.reference_images: 100000 images asked for, but fashion-mnist train holds 60000'):
+        runner.run(_spec(tmp_path, 'r.yaml', evaluate=dict(TINY['evaluate'], reference_images=100000)), results_root=str(root))
+    assert not root.exists()

@@ -103,6 +103,9 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(sweep__resources=dict(tpu=1)), "sweep.resources.tpu: 'tpu' is not one of: cpu, gpu"),
     (dict(evaluate__num_images=1), 'evaluate.num_images: FID needs at least 2 images'),
     (dict(seed=-1), 'seed: must be non-negative, got -1'),
+    (dict(experiment='..'), 'experiment: expected a name of letters, digits'),
+    (dict(experiment='.'), 'experiment: expected a name of letters, digits'),
+    (dict(experiment='.trials'), 'does not start with "."'),
     (dict(calibrate__seed=-3), 'calibrate.seed: must be non-negative, got -3'),
     (dict(data=DELETE), 'data: missing: say which data the experiment uses'),
     (dict(model=DELETE), 'model: missing: say which model the experiment uses'),
@@ -335,3 +338,21 @@ def test_json_schema_checks_the_shipped_specs(tmp_path, capsys):
                 _with(sweep__samplers=[dict(sampler='heun')]), _with(train__use_gpu='maybe')):
         assert list(validator.iter_errors(bad)), bad
     assert not list(validator.iter_errors(_with(**{'evaluate__class': 2, 'calibrate__interpolate': True})))
+
+
+def test_requests_the_cluster_cannot_meet_are_refused_naming_the_field():
+    """On a cluster that cannot grow, a request larger than the cluster is refused before any
+    stage runs; on one that may autoscale, the run says what it waits for."""
+    s = spec.parse(_with(sweep__resources=dict(cpu=1, gpu=1), calibrate__gpus_per_actor=0.5), 's.yaml')
+    cpu_only = {'CPU': 2.0}
+    with pytest.raises(spec.SpecError, match=r's.yaml: calibrate.gpus_per_actor: asks 0.5 GPU per calibration actor, '
+                                             r'the cluster has 0 GPU in all'):
+        runner.check_resources(s, cpu_only, fixed_size=True)
+    messages = []
+    runner.check_resources(s, cpu_only, fixed_size=False, log=messages.append)
+    assert [m.split(':')[1].strip() for m in messages] == ['calibrate.gpus_per_actor', 'sweep.resources.gpu']
+    assert all(m.startswith('waiting for resources') for m in messages)
+    runner.check_resources(s, {'CPU': 2.0, 'GPU': 1.0}, fixed_size=True)  # fits
+    big = spec.parse(_with(train__cpus_per_worker=4, train__use_gpu=True), 'b.yaml')
+    with pytest.raises(spec.SpecError, match='train.cpus_per_worker: asks 4 CPU per training worker'):
+        runner.check_resources(big, cpu_only, fixed_size=True)

@@ -21,8 +21,9 @@ def _user_errors():
     from tasks.checkpoints import CheckpointError
     from tasks.data import DataError
     from tasks.metrics import MetricsError
+    from orchestrator.results import ExperimentBusy
     from orchestrator.runner import StageFailed
-    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, StageFailed)
+    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, StageFailed, ExperimentBusy)
 
 
 def cmd_validate(args):

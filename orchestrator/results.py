@@ -7,10 +7,13 @@ folders) never touch each other's files. Read them with pandas:
 
     pd.read_parquet('results/quickstart/sweep.parquet')
 """
+import contextlib
 import datetime
 import json
 import os
+import socket
 import subprocess
+import time
 
 import pandas as pd
 
@@ -83,3 +86,52 @@ def experiments(root):
         return []
     return sorted(d for d in os.listdir(root)
                   if any(os.path.isfile(os.path.join(root, d, f'{t}.parquet')) for t in TABLES))
+
+
+class ExperimentBusy(RuntimeError):
+    """Another live process is running the same experiment."""
+
+
+@contextlib.contextmanager
+def experiment_lock(root, experiment):
+    """Hold <root>/<experiment>/.lock while a run works in that folder, so that two runs of one
+    experiment never do the same work in the same stage folders. A second run is refused with
+    the first one's pid, host and start time; the lock of a process that is gone (same host, no
+    such pid) is taken over."""
+    path = os.path.join(root, experiment, '.lock')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except (OSError, ValueError):
+                owner = None  # being written or removed right now: look again
+            if owner is not None and not (owner.get('host') == me['host'] and not _alive(owner.get('pid'))):
+                raise ExperimentBusy(f'experiment {experiment!r} is being run by pid {owner.get("pid")} on '
+                                     f'{owner.get("host")} since {owner.get("started")} ({path}); wait for it, or remove '
+                                     'the lock file if that run is gone') from None
+            if owner is not None:  # a dead process's lock: take it over
+                os.remove(path)
+            time.sleep(0.05)
+            continue
+        with os.fdopen(fd, 'w') as f:
+            json.dump(me, f)
+        break
+    try:
+        yield path
+    finally:
+        os.remove(path)
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

@@ -138,7 +138,13 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
             raise SpecError(f'{spec.path}: evaluate.reference_images: {e.reference_images} images asked for, but '
                             f'{spec.data.name} {e.reference_split} holds {held}')
     check_resources(spec, ray.cluster_resources(), fixed_size=not address and not os.environ.get('RAY_ADDRESS'), log=log)
-    os.makedirs(exp_dir, exist_ok=True)  # nothing is written before every check above passed
+    with results.experiment_lock(results_root, spec.experiment):  # nothing is written before the checks above
+        return _run_stages(spec, stages, results_root, dataset, log, verbose)
+
+
+def _run_stages(spec, stages, results_root, dataset, log, verbose):
+    """The stages in order (reusing finished ones), their tables, figures and the results table."""
+    exp_dir = os.path.join(results_root, spec.experiment)
     results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
     state, timings = {}, []

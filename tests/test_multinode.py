@@ -48,3 +48,14 @@ def test_reduced_spec_across_two_worker_nodes(multinode_cluster, tmp_path):
     expected_sum_y = data.to_model_range(ds.images).to(torch.float64).sum(0)
     assert table.chunks == set(range(4)) and torch.allclose(table.sum_y[0, 0], expected_sum_y, rtol=1e-12, atol=1e-9)
     assert 'Traceback' not in proc.stderr
+
+
+def test_embedded_cluster_never_joins_another_one(multinode_cluster):
+    """With another Ray cluster on the machine (the one `ray start` or this fixture leaves as the
+    machine's current cluster), the embedded default still starts a cluster of its own."""
+    code = ('from orchestrator import runner; import ray; runner.init_ray(num_cpus=1); '
+            'print(len(ray.nodes()), ray.cluster_resources().get("CPU"))')
+    env = {k: v for k, v in os.environ.items() if k != 'RAY_ADDRESS'}
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ['1', '1.0']  # its own single node, not the three of the other cluster

@@ -356,3 +356,24 @@ def test_requests_the_cluster_cannot_meet_are_refused_naming_the_field():
     big = spec.parse(_with(train__cpus_per_worker=4, train__use_gpu=True), 'b.yaml')
     with pytest.raises(spec.SpecError, match='train.cpus_per_worker: asks 4 CPU per training worker'):
         runner.check_resources(big, cpu_only, fixed_size=True)
+
+
+def test_one_run_per_experiment_at_a_time(tmp_path):
+    """A second run of the same experiment is refused naming the first (pid, host, start); the
+    lock of a process that is gone is taken over; the lock goes with the run."""
+    import subprocess
+    import sys
+    from orchestrator import results
+    with results.experiment_lock(str(tmp_path), 'exp') as path:
+        with pytest.raises(results.ExperimentBusy, match=rf"experiment 'exp' is being run by pid {os.getpid()} on .* since "):
+            with results.experiment_lock(str(tmp_path), 'exp'):
+                pass
+    assert not os.path.exists(path)
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    import json
+    import socket
+    with open(path, 'w') as f:  # left by a run that died
+        json.dump(dict(pid=int(gone.stdout), host=socket.gethostname(), started='earlier'), f)
+    with results.experiment_lock(str(tmp_path), 'exp'):
+        with open(path) as f:
+            assert json.load(f)['pid'] == os.getpid()

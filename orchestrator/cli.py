@@ -3,7 +3,7 @@
     orchestrator validate specs/quickstart.yaml
     orchestrator schema --out spec.schema.json
     orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR]
-    orchestrator submit specs/quickstart.yaml --address http://HEAD:8265
+    orchestrator submit specs/quickstart.yaml --address http://HEAD:8265 [--wait]; orchestrator stop JOB --address ...
     orchestrator results quickstart --where calibrated=True
     orchestrator figures quickstart
 """
@@ -49,15 +49,16 @@ def cmd_run(args):
 
 
 def cmd_submit(args):
-    from ray.job_submission import JobSubmissionClient
-    from orchestrator.runner import RUNTIME_ENV_EXCLUDES
+    from orchestrator.submit import submit
     spec_mod.load(args.spec)  # refuse a bad spec before shipping anything
-    client = JobSubmissionClient(args.address)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    job = client.submit_job(
-        entrypoint=f'{args.python} -m orchestrator run {os.path.relpath(os.path.abspath(args.spec), root)} --results {args.results}',
-        runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES))
-    print(f'submitted job {job}; follow it with: orchestrator logs {job} --address {args.address}')
+    code = submit(args.spec, args.address, args.results, args.python, wait=args.wait)
+    return code if args.wait else 0
+
+
+def cmd_stop(args):
+    from ray.job_submission import JobSubmissionClient
+    stopped = JobSubmissionClient(args.address).stop_job(args.job)
+    print(f'job {args.job}: {"stop requested" if stopped else "was not running"}')
 
 
 def cmd_logs(args):
@@ -110,14 +111,16 @@ def build_parser():
     r.add_argument('--dry-run', action='store_true', help='print the stages, their resources and reuse; run nothing')
     r.add_argument('--verbose', action='store_true', help="also show Ray's own logs and workers' output in the terminal")
     r.set_defaults(fn=cmd_run)
-    s = sub.add_parser('submit', help='submit a spec as a Ray job (ships this directory as the working dir)')
+    s = sub.add_parser('submit', help="submit a spec as a Ray job (ships the project's tracked files and the spec)")
     s.add_argument('spec')
     s.add_argument('--address', required=True, help='the cluster dashboard, e.g. http://HEAD:8265')
     s.add_argument('--results', default='results')
     s.add_argument('--python', default='python',
                    help="the interpreter on the cluster that has this project's dependencies (default: python)")
+    s.add_argument('--wait', action='store_true', help="follow the job's logs and exit with its status (0: succeeded)")
     s.set_defaults(fn=cmd_submit)
-    for name, fn, text in (('logs', cmd_logs, "a submitted job's logs"), ('status', cmd_status, "a submitted job's status")):
+    for name, fn, text in (('logs', cmd_logs, "a submitted job's logs"), ('status', cmd_status, "a submitted job's status"),
+                           ('stop', cmd_stop, 'stop a submitted job')):
         q = sub.add_parser(name, help=text)
         q.add_argument('job')
         q.add_argument('--address', required=True)
@@ -139,11 +142,11 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        code = args.fn(args)
     except _user_errors() as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == '__main__':

@@ -275,26 +275,29 @@ def test_two_experiments_share_a_results_root(tmp_path):
 
 
 @needs_fashion
-def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, capsys):
-    """`orchestrator submit` ships this directory to the cluster's job server (here the embedded
-    cluster's dashboard on 127.0.0.1) and the job runs the spec there."""
-    import re
-    import time
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    from orchestrator import cli
-    address = ray_cluster  # the embedded cluster's dashboard, on a free port
+def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, tmp_path, capsys):
+    """`orchestrator submit --wait` ships the tracked sources and a spec from outside the project
+    to the cluster's job server (here the embedded cluster's dashboard) and exits with the job's
+    status; a stray untracked file is never shipped."""
+    from orchestrator import cli, submit
+    stray = os.path.join(submit.ROOT, f'.env-stray-{os.getpid()}')
+    with open(stray, 'w') as f:
+        f.write('SECRET=1\n')
+    try:
+        files, size = submit.make_package('tests/specs/tiny-train.yaml', str(tmp_path / 'package'))
+    finally:
+        os.remove(stray)
+    assert os.path.basename(stray) not in files and 'orchestrator/cli.py' in files and submit.JOB_SPEC in files
+    assert not any(f.startswith(('.venv/', 'results/.trials')) or '/stages/' in f for f in files) and size < 50 * 2 ** 20
+    outside = tmp_path / 'elsewhere.yaml'  # a spec that is not in the project folder
+    outside.write_text(open('tests/specs/tiny-train.yaml').read())
     # The job runs on the cluster's own interpreter; here that is this virtual environment's,
     # which a plain `python` on PATH need not be (CI's PATH has no .venv/bin).
-    assert cli.main(['submit', 'tests/specs/tiny-train.yaml', '--address', address, '--results', 'job-results',
-                     '--python', sys.executable]) == 0
-    job = re.search(r'submitted job (\S+);', capsys.readouterr().out).group(1)
-    client = JobSubmissionClient(address)
-    deadline = time.time() + 300
-    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert '== train' in logs
+    code = cli.main(['submit', str(outside), '--address', ray_cluster, '--results', str(tmp_path / 'job-results'),
+                     '--python', sys.executable, '--wait'])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert re.search(r'submitted job \S+: \d+ files, [\d.]+ MiB', out) and '== train' in out and 'SUCCEEDED' in out
 
 
 @needs_fashion

@@ -148,6 +148,8 @@ def _run_stages(spec, stages, results_root, dataset, log, verbose):
     results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
     state, timings = {}, []
+    write_timings = lambda: results.write_table(results_root, spec.experiment, 'timings', timings, dict(
+        prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
     for stage in stages:
         start, reused = time.time(), stage.done
         log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
@@ -163,13 +165,11 @@ def _run_stages(spec, stages, results_root, dataset, log, verbose):
         timings.append(dict(stage=stage.name, status='reused' if reused else 'failed' if failed else 'ran',
                             seconds=time.time() - start))
         if failed:  # the rows that finished are in the table; a re-run runs only what is missing
-            results.write_table(results_root, spec.experiment, 'timings', timings, dict(prov, stage='all', device=None,
-                                stage_hash=stable_hash([s.hash for s in stages])))
+            write_timings()
             raise StageFailed(f'{stage.name}: {len(failed)} trial(s) failed: ' + '; '.join(failed) +
                               f'. The other rows are in {results.table_path(results_root, spec.experiment, stage.name)}; '
                               'run the spec again to retry only these (finished trials are reused).')
-    results.write_table(results_root, spec.experiment, 'timings', timings,
-                        dict(prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
+    write_timings()
     if spec.report.figures:
         for path in figures.render(results_root, spec.experiment):
             log(f'wrote {path}')

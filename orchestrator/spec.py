@@ -63,17 +63,18 @@ _RAY_TRAIN_FIELDS = [
     ('use_gpu', object, field(default='auto')),            # auto | true | false
     ('max_failures', int, field(default=2)),               # Ray Train restarts from the last checkpoint
 ]
+_TRAIN_CONFIG_FIELDS = [f for f in dataclasses.fields(tasks_train.TrainConfig) if f.name not in _FROM_ELSEWHERE]
 TrainSpec = dataclasses.make_dataclass('TrainSpec', [
     (f.name, f.type, field(default=f.default) if f.default is not dataclasses.MISSING else field(default_factory=f.default_factory))
-    for f in dataclasses.fields(tasks_train.TrainConfig) if f.name not in _FROM_ELSEWHERE] + _RAY_TRAIN_FIELDS)
+    for f in _TRAIN_CONFIG_FIELDS] + _RAY_TRAIN_FIELDS)
 
 
 def train_config(spec):
     """The tasks.train.TrainConfig a spec's model, train and seed resolve to."""
     m, t = spec.model, spec.train
-    names = [f.name for f in dataclasses.fields(tasks_train.TrainConfig) if f.name not in _FROM_ELSEWHERE]
     return tasks_train.TrainConfig(preset=m.preset, precond=m.precond, network_overrides=m.network_overrides,
-                                   precond_kwargs=m.precond_kwargs, seed=spec.seed, **{k: getattr(t, k) for k in names})
+                                   precond_kwargs=m.precond_kwargs, seed=spec.seed,
+                                   **{f.name: getattr(t, f.name) for f in _TRAIN_CONFIG_FIELDS})
 
 
 @dataclass

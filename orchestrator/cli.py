@@ -146,6 +146,11 @@ def main(argv=None):
     except _user_errors() as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, at any point: Ray's processes stop with this one (ray.shutdown at exit)
+        kept = (' What had finished is kept (stages, training checkpoints, calibration chunk groups, sweep trials); '
+                'the same command goes on from there.') if args.command == 'run' else ''
+        print(f'\ninterrupted: {args.command} stopped.{kept}', file=sys.stderr)
+        return 130
     return code if isinstance(code, int) else 0
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import socket
+import sys
 import time
 
 import torch
@@ -41,6 +42,8 @@ def init_ray(address=None, num_cpus=None, verbose=False):
     Worker output (Ray Train's reports, Tune's tables, tqdm from workers) reaches this terminal
     only with `verbose`; otherwise it stays in Ray's session logs and the orchestrator prints
     its own progress."""
+    if not address and not os.environ.get('RAY_ADDRESS'):
+        _loopback_environment()  # before ray is imported: Ray reads these at import
     import ray
     if ray.is_initialized():
         return None
@@ -51,16 +54,28 @@ def init_ray(address=None, num_cpus=None, verbose=False):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES), log_to_driver=verbose)
         return None
-    # Read when Ray starts its processes: keep Ray's listeners and the node address on 127.0.0.1,
-    # and skip token auth (nothing else can connect).
-    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
-    os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
     # address='local': always a cluster of our own, even when `ray start` left one on this machine.
     # The dashboard (on 127.0.0.1, a free port) serves the State API that Ray Train V2's controller polls.
     context = ray.init(address='local', num_cpus=num_cpus or os.cpu_count(), object_store_memory=OBJECT_STORE_BYTES,
                        include_dashboard=True, dashboard_host='127.0.0.1', dashboard_port=free_port(),
                        _node_ip_address='127.0.0.1', log_to_driver=verbose, logging_level='WARNING')
     return f'http://{context.dashboard_url}'
+
+
+def _loopback_environment():
+    """The embedded cluster's environment, inherited by every Ray process it starts: the node
+    address is 127.0.0.1 (so Ray's servers, and torch's process-group store, listen on loopback
+    only), gloo and NCCL use the loopback interface, and token auth is off (nothing else can connect). Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once,
+    at import; without it ray.init turns 127.0.0.1 into the machine's outward address. When ray
+    was imported before (a test session, a notebook), its constant is re-read from the variable."""
+    os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
+    os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith('lo')]  # lo (Linux), lo0 (macOS)
+    for variable in ('GLOO_SOCKET_IFNAME', 'NCCL_SOCKET_IFNAME') if loopback else ():  # training's collectives
+        os.environ.setdefault(variable, loopback[0])
+    constants = sys.modules.get('ray._private.ray_constants')
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = constants.env_bool(constants.ENABLE_RAY_CLUSTERS_ENV_VAR, not constants.IS_WINDOWS_OR_OSX)
 
 
 def check_resources(spec, total, fixed_size, log=print):

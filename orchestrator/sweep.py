@@ -112,6 +112,9 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
     if todo:
         # Tune's new console output prints its experiment box even at verbose=0; the classic one is silent.
         os.environ['RAY_AIR_NEW_OUTPUT'] = '1' if verbose else '0'
+        # Ctrl-C stops the run (cli.main) as in every other stage, not only Tune's loop, which would
+        # otherwise end the trials and return as if the sweep had finished.
+        os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
         tuner = tune.Tuner(
             tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
             param_space=dict(item=tune.grid_search(todo), context=context),

@@ -7,15 +7,19 @@ run (the same stage re-run after a crash) resumes from the newest checkpoint in 
 """
 import contextlib
 import dataclasses
+import datetime
 import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 
 import ray
 import ray.train
+import ray.train.backend
+import ray.train.collective
 import ray.train.torch
 import torch
 
@@ -26,10 +30,40 @@ from tasks import train as tasks_train
 PROGRESS = 'progress.json'
 
 
+class _OwnProcessGroup(ray.train.torch.TorchConfig):
+    """Ray Train's torch set-up (device placement) without its process group: Ray's makes a
+    TCPStore that listens on every interface. The train function makes the group itself
+    (init_process_group below), its store bound to rank 0's node address only."""
+
+    @property
+    def backend_cls(self):
+        return ray.train.backend.Backend  # no on_start: no process group made by Ray
+
+
+def init_process_group(rank, world_size, device):
+    """The workers' torch process group. Rank 0 binds the store's socket to its node address
+    (127.0.0.1 on the embedded cluster, see runner.init_ray) and passes the address to the other
+    ranks through Ray Train's broadcast; the gloo/NCCL sockets follow GLOO/NCCL_SOCKET_IFNAME."""
+    sock = address = None
+    if rank == 0:
+        host = ray.util.get_node_ip_address()
+        sock = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET)
+        sock.bind((host, 0))
+        address = host, sock.getsockname()[1]
+    host, port = ray.train.collective.broadcast_from_rank_zero(address)
+    timeout = datetime.timedelta(minutes=30)
+    store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                                       master_listen_fd=sock.detach() if sock else None)  # the store owns the socket now
+    torch.distributed.init_process_group('nccl' if device.type == 'cuda' else 'gloo', store=store, rank=rank,
+                                         world_size=world_size, timeout=timeout)
+
+
 def _train_worker(config):
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if world_size > 1:
+        init_process_group(rank, world_size, device)
     dataset = data_mod.load_dataset(**config['data'])
     run_dir = os.path.join(config['run_dir'], f'rank{rank}')
     os.makedirs(run_dir, exist_ok=True)
@@ -63,9 +97,13 @@ def _train_worker(config):
                 shutil.copy(network, d)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    tasks_train.train(tasks_train.TrainConfig(**config['train']), dataset, run_dir, device=device, resume=True,
-                      progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
-                      wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+    try:
+        tasks_train.train(tasks_train.TrainConfig(**config['train']), dataset, run_dir, device=device, resume=True,
+                          progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
+                          wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -106,6 +144,25 @@ def latest_checkpoint(storage):
     return max(paths, key=os.path.getmtime) if paths else None
 
 
+def _fit(trainer):
+    """trainer.fit() in a helper thread. On the main thread Ray Train installs a SIGINT handler
+    of its own (kept after fit) that aborts training and returns as if it had finished; here Ctrl-C
+    raises KeyboardInterrupt on the main thread, as in every other stage (cli.main stops the run)."""
+    outcome = {}
+
+    def fit():
+        try:
+            outcome['result'] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            outcome['error'] = e
+    thread = threading.Thread(target=fit, name='train-fit', daemon=True)  # daemon: never holds up the exit
+    thread.start()
+    thread.join()
+    if 'error' in outcome:
+        raise outcome['error']
+    return outcome['result']
+
+
 def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use_gpu='auto', max_failures=2):
     """Train `config` (tasks.train.TrainConfig) on the dataset of `data` (tasks.data.load_dataset
     keyword arguments) with Ray Train; returns (path of network.pt in stage_dir, device used)."""
@@ -114,14 +171,14 @@ def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use
     loop_config = dict(data=data, train=dataclasses.asdict(config), run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
                        resume_from=latest_checkpoint(storage), data_info=dict(name=data['name']))
     trainer = ray.train.torch.TorchTrainer(
-        _train_worker, train_loop_config=loop_config,
+        _train_worker, train_loop_config=loop_config, torch_config=_OwnProcessGroup(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                resources_per_worker=dict(CPU=cpus_per_worker)),
         run_config=ray.train.RunConfig(name='train', storage_path=storage,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
     with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), config.total_kimg):
-        result = trainer.fit()
+        result = _fit(trainer)
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:

@@ -1,9 +1,12 @@
 """Orchestrator tests; those on the embedded local cluster (the ray_cluster fixture of
 conftest.py, started once per session) carry the `ray` marker."""
+import glob
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -92,6 +95,59 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     for name in a['ema']:
         assert torch.equal(a['ema'][name], b['ema'][name]), name
     assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
+
+
+def _listeners_of_descendants():
+    """{(process name, local address)} of every TCP socket that this process and its descendants
+    (the embedded cluster's GCS, raylet, agents, workers) listen on, from `ss -ltnpH`."""
+    children = {}
+    for stat in glob.glob('/proc/[0-9]*/stat'):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.split('/')[2]))
+    ours, todo = set(), [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ours.add(pid)
+        todo += children.get(pid, [])
+    out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True, check=True).stdout
+    found = set()
+    for line in out.splitlines():
+        local = line.split()[3]
+        for name, pid in re.findall(r'\("([^"]+)",pid=(\d+)', line):
+            if int(pid) in ours:
+                found.add((name, local))
+    return found
+
+
+@needs_fashion
+@pytest.mark.skipif(shutil.which('ss') is None, reason='ss (iproute2) is not installed: it lists the listening sockets')
+def test_embedded_cluster_and_ddp_training_listen_on_loopback_only(ray_cluster, tmp_path):
+    """While two workers train with DDP on the embedded cluster, every socket its processes
+    listen on (Ray's GCS, raylet, agents and workers, torch's process-group store, gloo) is bound
+    to 127.0.0.1: the store used to listen on every interface, Ray's agents on the machine's address."""
+    from orchestrator.train import run_train_stage
+    s = _spec(tmp_path, train=dict(workers=2, total_kimg=0.256, kimg_per_tick=0.064))
+    train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
+    seen, done = set(), threading.Event()
+
+    def sample():
+        while not done.is_set():
+            seen.update(_listeners_of_descendants())
+            time.sleep(0.2)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    run_train_stage(str(tmp_path / 'train'), tasks_train.TrainConfig(**train.inputs['config']), train.inputs['data'], workers=2)
+    done.set()
+    thread.join()
+    train_workers = {address for name, address in seen if 'RayTrainWo' in name}
+    assert len(train_workers) >= 4, seen  # each worker's Ray server and gloo socket, and rank 0's store
+    outside = sorted((name, address) for name, address in seen
+                     if address.rsplit(':', 1)[0] not in ('127.0.0.1', '[::ffff:127.0.0.1]', '[::1]'))
+    assert not outside, outside
 
 
 def test_segments_cut_chunks_at_the_image_counts():
@@ -310,3 +366,53 @@ def test_impossible_requests_stop_before_any_stage(ray_cluster, tmp_path):
     with pytest.raises(spec.SpecError, match=r'evaluate.reference_images: 100000 images asked for, but fashion-mnist train holds 60000'):
         runner.run(_spec(tmp_path, 'r.yaml', evaluate=dict(TINY['evaluate'], reference_images=100000)), results_root=str(root))
     assert not root.exists()
+
+
+@needs_fashion
+@pytest.mark.parametrize('stage', ['train', 'calibrate', 'sweep'])
+def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
+    """Ctrl-C (SIGINT to the terminal's process group: the driver and every Ray process it
+    started) during training, calibration or the sweep: the run stops within seconds with exit
+    status 130 and one line, no traceback, no Ray process left, the stage not marked done and the
+    experiment lock released. (Ray Train and Tune each install a SIGINT handler that ends their
+    loop and returns as if finished; the orchestrator keeps Ctrl-C for itself.)"""
+    root = tmp_path / 'results'
+    raw = yaml.safe_load(yaml.safe_dump(TINY))
+    raw['train'].update(total_kimg=2.0)
+    raw['calibrate'].update(images=512)
+    if stage != 'train':  # a model file instead of training: the later stages come sooner
+        ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=64)
+        tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.016, kimg_per_tick=0.016), ds, str(tmp_path),
+                          progress=False)
+        raw['model'] = dict(checkpoint=str(tmp_path / tasks_train.NETWORK))
+        raw['calibrate'].update(images=16 if stage == 'sweep' else 512)
+        raw['evaluate'].update(num_images=64)
+    path = tmp_path / 'ctrlc.yaml'
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, '-m', 'orchestrator', 'run', str(path), '--results', str(root)],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own process group
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), '')), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while f'== {stage} (' not in ''.join(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, ''.join(out)[-3000:]
+    time.sleep(2.0)  # into the stage's work
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.time()
+    rc = proc.wait(timeout=60)
+    took = time.time() - interrupted
+    reader.join(5)
+    text = ''.join(out)
+    assert rc == 130, text[-3000:]
+    assert 'interrupted: run stopped' in text and 'Traceback' not in text, text[-3000:]
+    assert took < 30, took
+    time.sleep(1.0)
+    # The embedded cluster's processes carry the driver's pid in their session name.
+    left = subprocess.run(['pgrep', '-f', rf'session_[0-9_-]+_{proc.pid}\b'], capture_output=True, text=True).stdout.split()
+    assert not left, left
+    stage_dirs = glob.glob(str(root / 'tiny' / 'stages' / f'{stage}-*'))
+    assert stage_dirs and not any(os.path.exists(os.path.join(d, 'DONE.json')) for d in stage_dirs)
+    assert not (root / 'tiny' / '.lock').exists()

@@ -328,6 +328,8 @@ def _validate(spec, path):
     if m.checkpoint is not None:
         try:
             detected = checkpoints.detect_format(m.checkpoint)
+            if (m.format or detected) == 'network.pt':
+                checkpoints.read_network_pt(m.checkpoint, mmap=True)  # what it holds, its tensors left on disk
         except checkpoints.CheckpointError as e:
             _fail(path, 'model.checkpoint', str(e))
         if m.format is not None and m.format != detected:

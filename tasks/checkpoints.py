@@ -23,6 +23,7 @@ import io
 import json
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -49,6 +50,8 @@ def detect_format(path):
         return 'network.pt'  # torch.save's zip format
     with open(path, 'rb') as f:
         head = f.read(1 << 16)
+    if head[:4] == b'PK\x03\x04':  # a zip that lacks its central directory (at the end of the file)
+        raise CheckpointError(f'{path}: a damaged or truncated zip (torch) file: its directory at the end is missing')
     if head[:1] == b'\x80' and b'torch_utils.persistence' in head:
         return 'edm-pkl'
     raise CheckpointError(f'{path}: not a model file this project reads: expected a network.pt written by tasks.train '
@@ -74,22 +77,48 @@ def load_denoiser(path, format=None, map_location='cpu'):
 # ---------------------------------------------------------------------------------------------
 # This project's network.pt
 
-def load_torch_file(path, map_location='cpu'):
-    """torch.load of a file this project wrote, refusing anything but tensors and plain data."""
+def load_torch_file(path, map_location='cpu', mmap=False):
+    """torch.load of a file this project wrote, refusing anything but tensors and plain data.
+    mmap: tensors are mapped, not read (for a look at what a large file holds)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f'{path}: no such file') from None
     except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        text = str(e).strip()
+        refused = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', text)
+        if refused:  # torch's message goes on to say how to load it anyway; this file is not one to trust
+            raise CheckpointError(f'{path}: refused: it would import {refused.group(1)} to load (only tensors and '
+                                  'plain data are read from model files)') from None
+        first = text.splitlines()[0] if text else ''
         raise CheckpointError(f'{path}: not a plain-data torch file ({type(e).__name__}: {first})') from None
 
 
-def _load_network_pt(path):
-    from tasks.train import TrainConfig, build_network
-    blob = load_torch_file(path)
+NETWORK_PT_KEYS = ('config', 'image_shape', 'label_dim', 'ema')
+
+
+def read_network_pt(path, mmap=False):
+    """(blob, TrainConfig) of a network.pt written by tasks.train, or one CheckpointError line
+    for a truncated or foreign file (a bare state dict, a pickled module, ...). With mmap the
+    tensors are not read (what `orchestrator validate` does)."""
+    from tasks.train import TrainConfig
+    blob = load_torch_file(path, mmap=mmap)
+    missing = [k for k in NETWORK_PT_KEYS if k not in blob] if isinstance(blob, dict) else NETWORK_PT_KEYS
+    if missing:
+        held = f'keys {", ".join(map(str, list(blob)[:6]))}{", ..." if len(blob) > 6 else ""}' if isinstance(blob, dict) \
+            else type(blob).__name__
+        raise CheckpointError(f'{path}: a torch file, but not a network saved by tasks.train (it holds {held}; '
+                              f'missing {", ".join(missing)})')
     try:
-        config = TrainConfig(**blob['config'])
+        return blob, TrainConfig(**blob['config'])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f'{path}: not a network saved by tasks.train (config: {type(e).__name__}: {e})') from None
+
+
+def _load_network_pt(path):
+    from tasks.train import build_network
+    blob, config = read_network_pt(path)
+    try:
         net = build_network(config, blob['image_shape'], blob['label_dim'])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f'{path}: not a network saved by tasks.train ({type(e).__name__}: {e})') from None

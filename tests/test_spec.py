@@ -259,6 +259,44 @@ def test_model_and_reference_files_are_checked(tmp_path):
     assert s.evaluate.class_idx == 3
 
 
+def test_validate_opens_a_network_pt_without_running_it(tmp_path, capsys):
+    """A truncated or foreign network.pt fails `validate` in one line (it used to pass and fail in
+    `run` with a traceback); the file is opened with weights_only, its tensors left on disk."""
+    import types
+    import torch
+    from tasks import train as tasks_train
+    config = tasks_train.TrainConfig(preset='ddpmpp-tiny')
+    net = tasks_train.build_network(config, (1, 16), 0)
+    tasks_train._save_network(str(tmp_path), net, config, 0, types.SimpleNamespace(channels=1, resolution=16), 0, None, None, [])
+    good = tmp_path / tasks_train.NETWORK
+    marker = tmp_path / 'pwned'
+    files = dict(truncated=good.read_bytes()[:good.stat().st_size // 2], state_dict=net.state_dict(),
+                 module=torch.nn.Linear(2, 2), code=dict(ema=_Reduce(marker)))
+    expected = dict(truncated='a damaged or truncated zip', state_dict='a torch file, but not a network saved by tasks.train',
+                    module='refused: it would import torch.nn.modules.linear.Linear',
+                    code=r'refused: it would import (posix|os|nt)\.system')
+    raw = dict(experiment='x', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16), model=dict(checkpoint=str(good)))
+    assert cli.main(['validate', _write(tmp_path, raw, 'good.yaml')]) == 0
+    for name, content in files.items():
+        path = tmp_path / f'{name}.pt'
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        raw['model']['checkpoint'] = str(path)
+        capsys.readouterr()
+        assert cli.main(['validate', _write(tmp_path, raw, f'{name}.yaml')]) == 2
+        err = capsys.readouterr().err
+        assert re.search(rf'model.checkpoint: .*{name}\.pt: {expected[name]}', err), err
+        assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+    assert not marker.exists()
+
+
+class _Reduce:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
 def test_every_format_round_trips_through_model_checkpoint(tmp_path):
     """A spec's model.checkpoint in each format: the checkpoint stage detects the format, and the
     stages downstream load the same D as tasks.checkpoints does directly."""

@@ -9,12 +9,14 @@ count n_j merges segments 1..j. The driver merges in group and segment order, so
 does not depend on which actor finished first.
 """
 import os
+import time
 
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
 from tqdm import tqdm
 
+from orchestrator.runner import StageFailed
 from orchestrator.spec import stable_hash
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
@@ -54,6 +56,10 @@ class CalibrationActor:
         return self.done
 
 
+def _cpus_gpus(resources):
+    return f'{resources.get("CPU", 0):g} CPU, {resources.get("GPU", 0):g} GPU'
+
+
 def segment_chunks(counts, chunk_size):
     """Chunk indices of each segment: segment j holds the chunks between counts[j-1] and
     counts[j] (sorted). A table over the first counts[j] images merges segments 0..j."""
@@ -61,12 +67,14 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None):
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None, stall_timeout=None):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
     spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
     (network path and format). Tables are per class when calibrate.per_class asks for it.
     keep_dir: each finished chunk group's partial tables are kept there (the stage's folder, whose
-    hash covers everything that decides them), so a killed run recomputes only the rest."""
+    hash covers everything that decides them), so a killed run recomputes only the rest.
+    stall_timeout: seconds without progress (no image finished anywhere, e.g. a lost node's actors
+    waiting for resources the cluster no longer has) after which the stage gives up, saying so."""
     c = spec_calibrate
     counts = c.counts()
     n = counts[-1]
@@ -98,16 +106,28 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
     sizes = [sum(len(rows[j]) for j in group) * len(sigmas) for group in groups]
     bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for i in partial), unit='img', unit_scale=True,
                desc=f'calibrate ({source}, images x sigmas)')
+    progressed = time.monotonic()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
         if not ready:  # nothing finished yet: ask the working actors how far they are
             try:
                 running = dict(zip(pending.values(), ray.get([actors[i].progress.remote() for i in pending.values()], timeout=5)))
-                bar.n = sum(sizes[i] for i in partial) + sum(running.values())
+                done = sum(sizes[i] for i in partial) + sum(running.values())
+                if done > bar.n:
+                    progressed = time.monotonic()
+                bar.n = done
                 bar.refresh()
             except RayError:
-                pass  # a lost or busy actor: ray.wait reports the loss next
+                pass  # a lost or busy actor (or one not placed yet): ray.wait reports a loss next
+            if stall_timeout and time.monotonic() - progressed > stall_timeout:
+                bar.close()
+                raise StageFailed(
+                    f'calibrate ({source}): no progress for {stall_timeout:g} s; {len(pending)} chunk group(s) wait for an '
+                    f'actor ({_cpus_gpus(dict(CPU=c.cpus_per_actor, GPU=c.gpus_per_actor))} each); the cluster has '
+                    f'{_cpus_gpus(ray.available_resources())} free of {_cpus_gpus(ray.cluster_resources())}. '
+                    'The finished groups are kept: run again once it has the resources.')
             continue
+        progressed = time.monotonic()
         i = pending.pop(ready[0])
         chunks = len(groups[i])
         try:

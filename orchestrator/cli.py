@@ -45,7 +45,8 @@ def cmd_schema(args):
 def cmd_run(args):
     from orchestrator import runner
     s = spec_mod.load(args.spec)
-    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run, verbose=args.verbose)
+    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run, verbose=args.verbose,
+               stall_timeout=args.stall_timeout)
 
 
 def cmd_submit(args):
@@ -110,6 +111,9 @@ def build_parser():
     r.add_argument('--results', default='results', help='results root (default: results)')
     r.add_argument('--dry-run', action='store_true', help='print the stages, their resources and reuse; run nothing')
     r.add_argument('--verbose', action='store_true', help="also show Ray's own logs and workers' output in the terminal")
+    r.add_argument('--stall-timeout', type=float, default=600.0, metavar='SECONDS',
+                   help='give up on a stage that makes no progress this long, e.g. work waiting for the resources of a '
+                        'lost node (default: 600)')
     r.set_defaults(fn=cmd_run)
     s = sub.add_parser('submit', help="submit a spec as a Ray job (ships the project's tracked files and the spec)")
     s.add_argument('spec')

@@ -24,7 +24,18 @@ RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'runs', '.venv', 
 
 
 class StageFailed(RuntimeError):
-    """A stage that finished with some of its work failed (named in the message)."""
+    """A stage that finished with some of its work failed, or could not make progress (named in
+    the message)."""
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """How a run talks and waits, the same for every stage (nothing here changes a result).
+    stall_timeout: seconds a stage may go without progress (work waiting for resources a lost
+    node took with it) before it gives up and says so."""
+    log: object = print
+    verbose: bool = False
+    stall_timeout: float = 600.0
 
 
 def free_port():
@@ -126,7 +137,7 @@ def ray_log_file(path, verbose=False):
             h.setLevel(level)
 
 
-def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False):
+def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False, stall_timeout=RunOptions.stall_timeout):
     """Run (or, with dry_run, only print) the plan. The terminal gets one line per stage,
     progress bars and the results table; Ray's own log lines go to ray.log in each stage's
     folder (and to the terminal too with verbose). Returns the stages."""
@@ -154,10 +165,10 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
                             f'{spec.data.name} {e.reference_split} holds {held}')
     check_resources(spec, ray.cluster_resources(), fixed_size=not address and not os.environ.get('RAY_ADDRESS'), log=log)
     with results.experiment_lock(results_root, spec.experiment):  # nothing is written before the checks above
-        return _run_stages(spec, stages, results_root, dataset, log, verbose)
+        return _run_stages(spec, stages, results_root, dataset, RunOptions(log, verbose, stall_timeout))
 
 
-def _run_stages(spec, stages, results_root, dataset, log, verbose):
+def _run_stages(spec, stages, results_root, dataset, opts):
     """The stages in order (reusing finished ones), their tables, figures and the results table."""
     exp_dir = os.path.join(results_root, spec.experiment)
     results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
@@ -167,11 +178,11 @@ def _run_stages(spec, stages, results_root, dataset, log, verbose):
         prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
     for stage in stages:
         start, reused = time.time(), stage.done
-        log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
+        opts.log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
         os.makedirs(stage.dir, exist_ok=True)
-        with ray_log_file(os.path.join(stage.dir, 'ray.log'), verbose):
+        with ray_log_file(os.path.join(stage.dir, 'ray.log'), opts.verbose):
             upstream = {name: state[name] for name in stage.depends}
-            outputs = stage.outputs() if reused else STAGES[stage.name](stage, upstream, dataset, log, verbose)
+            outputs = stage.outputs() if reused else STAGES[stage.name](stage, upstream, dataset, opts)
         failed = outputs.get('failed')
         if not reused and not failed:
             stage.mark_done(outputs)
@@ -187,12 +198,12 @@ def _run_stages(spec, stages, results_root, dataset, log, verbose):
     write_timings()
     if spec.report.figures:
         for path in figures.render(results_root, spec.experiment):
-            log(f'wrote {path}')
+            opts.log(f'wrote {path}')
     if 'sweep' in state:
         sweep = results.read_table(results_root, spec.experiment, 'sweep')
         metric = figures.metric_column(sweep)
         cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + ['wall_time']
-        log(sweep[cols].sort_values(['label']).to_string(index=False))
+        opts.log(sweep[cols].sort_values(['label']).to_string(index=False))
     return stages
 
 
@@ -200,7 +211,7 @@ def _run_stages(spec, stages, results_root, dataset, log, verbose):
 # Stage bodies: each runs from its stage (inputs, options) and its upstream stages' outputs
 # (`upstream`, by stage name) alone, and returns the outputs recorded in DONE.json.
 
-def _train(stage, upstream, dataset, log, verbose=False):
+def _train(stage, upstream, dataset, opts):
     from orchestrator.train import run_train_stage
     network, device = run_train_stage(stage.dir, tasks_train.TrainConfig(**stage.inputs['config']), stage.inputs['data'],
                                       workers=stage.inputs['workers'], cpus_per_worker=stage.options['cpus_per_worker'],
@@ -208,11 +219,11 @@ def _train(stage, upstream, dataset, log, verbose=False):
     return dict(network=os.path.abspath(network), format='network.pt', device=device)
 
 
-def _checkpoint(stage, upstream, dataset, log, verbose=False):
+def _checkpoint(stage, upstream, dataset, opts):
     path = stage.options['path']
     fmt = stage.inputs['format'] or checkpoints.detect_format(path)
     net = checkpoints.load_denoiser(path, fmt)  # fails here, before any work, if it cannot load
-    log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
+    opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
         f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g})')
     return dict(network=os.path.abspath(path), format=fmt, device=None, sha256=net.source['sha256'])
 
@@ -221,7 +232,7 @@ def _model_outputs(upstream):
     return upstream.get('train') or upstream['checkpoint']
 
 
-def _calibrate(stage, upstream, dataset, log, verbose=False):
+def _calibrate(stage, upstream, dataset, opts):
     from orchestrator.calibrate import run_calibration
     from orchestrator.spec import CalibrateSpec
     model, where = _model_outputs(upstream), stage.options['spec_path']
@@ -237,11 +248,12 @@ def _calibrate(stage, upstream, dataset, log, verbose=False):
         raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
                         f'{dataset.num_classes}')
     sigmas = torch.tensor(stage.inputs['sigmas'], dtype=torch.float64)  # the plan's grid, as hashed
-    log(f'calibrate: {len(sigmas)} sigmas (every sigma the calibrated trials will query)')
+    opts.log(f'calibrate: {len(sigmas)} sigmas (every sigma the calibrated trials will query)')
     meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
     tables = {}
     for source in c.sources():
-        by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=log, keep_dir=stage.dir)
+        by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=opts.log, keep_dir=stage.dir,
+                                   stall_timeout=opts.stall_timeout)
         for n, table in by_count.items():
             path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
             table.save(path)
@@ -250,22 +262,22 @@ def _calibrate(stage, upstream, dataset, log, verbose=False):
     return dict(tables=tables, sigmas=len(sigmas))
 
 
-def _reference(stage, upstream, dataset, log, verbose=False):
+def _reference(stage, upstream, dataset, opts):
     if 'stats_sha256' in stage.inputs:
         stats = metrics.load_reference_statistics(stage.options['path'])
-        log(f'reference: published statistics {stage.options["path"]} (sha256 {stats["sha256"][:16]}...)')
+        opts.log(f'reference: published statistics {stage.options["path"]} (sha256 {stats["sha256"][:16]}...)')
         return dict(stats=stats['source'], count=stats['count'], sha256=stats['sha256'], weights_sha256=None)
     ref = data.load_dataset(**stage.inputs['data'])
     extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(stage.inputs['weights']),
                                           batch_size=stage.options['batch_size'],
                                           device='cuda' if torch.cuda.is_available() else 'cpu')
-    log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
+    opts.log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
     # KID and precision/recall compare features, not mean and covariance.
     stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=stage.inputs['features'])
     return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
-def _sweep(stage, upstream, dataset, log, verbose=False):
+def _sweep(stage, upstream, dataset, opts):
     import ray
     from orchestrator.sweep import run_sweep
     e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
@@ -276,7 +288,7 @@ def _sweep(stage, upstream, dataset, log, verbose=False):
                                         'inception_weights')})
     trials = stage.inputs['trials']
     rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, stage.options['trial_resources'], stage.dir,
-                             max_failures=stage.options['max_failures'], verbose=verbose, log=log)
+                             max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
     return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
 

@@ -37,12 +37,15 @@ def multinode_cluster():
     os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
     temp_dir = tempfile.mkdtemp(prefix='ray-mn-', dir='/tmp')  # short: Ray's unix sockets live under it (107 bytes)
     node = dict(node_ip_address='127.0.0.1', object_store_memory=100 * 1024 ** 2)
+    dashboard_port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args=dict(
         node, num_cpus=0, temp_dir=temp_dir, include_dashboard=True,  # the GCS picks a free port itself
-        dashboard_host='127.0.0.1', dashboard_port=free_port()))
-    workers = [cluster.add_node(**node, num_cpus=1) for _ in range(2)]
+        dashboard_host='127.0.0.1', dashboard_port=dashboard_port))
+    cluster.worker_args = dict(node, num_cpus=1)  # what a test adds back after removing a node
+    for _ in range(2):
+        cluster.add_node(**cluster.worker_args)
     cluster.wait_for_nodes()
-    cluster.workers = workers
+    cluster.dashboard_url = f'http://127.0.0.1:{dashboard_port}'  # Ray's state API (list_actors) answers there
     yield cluster
     cluster.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

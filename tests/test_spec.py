@@ -316,7 +316,7 @@ def test_every_format_round_trips_through_model_checkpoint(tmp_path):
             continue  # diffusers not installed (the optional extra)
         s = spec.load(_write(tmp_path, _with(model__checkpoint=files[fmt]), f'{fmt}.yaml'))
         stage = plan.make_plan(s, str(tmp_path / 'results'))[0]
-        outputs = runner._checkpoint(stage, {}, None, log=lambda *a: None)
+        outputs = runner._checkpoint(stage, {}, None, runner.RunOptions(log=lambda *a: None))
         assert outputs['format'] == fmt and outputs['sha256'] == checkpoints.sha256_file(files[fmt])
         with torch.no_grad():
             loaded = checkpoints.load_denoiser(outputs['network'], outputs['format'])  # as the stages downstream load it

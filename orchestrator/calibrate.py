@@ -67,14 +67,17 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None, stall_timeout=None):
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None, stall_timeout=None,
+                    label=None):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
     spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
     (network path and format). Tables are per class when calibrate.per_class asks for it.
     keep_dir: each finished chunk group's partial tables are kept there (the stage's folder, whose
     hash covers everything that decides them), so a killed run recomputes only the rest.
     stall_timeout: seconds without progress (no image finished anywhere, e.g. a lost node's actors
-    waiting for resources the cluster no longer has) after which the stage gives up, saying so."""
+    waiting for resources the cluster no longer has) after which the stage gives up, saying so.
+    label: what the console calls this estimate (default: the source)."""
+    label = label or source
     c = spec_calibrate
     counts = c.counts()
     n = counts[-1]
@@ -98,14 +101,14 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
         if all(os.path.isfile(kept(i, s)) for s in work[i]):
             partial[i] = {s: calibration.CalibrationTable.load(kept(i, s)) for s in work[i]}
     if partial:
-        log(f'calibrate ({source}): {len(partial)} of {len(groups)} chunk groups finished before and reused')
+        log(f'calibrate ({label}): {len(partial)} of {len(groups)} chunk groups finished before and reused')
     todo = [i for i in range(len(groups)) if i not in partial]
     actors = {i: make_actor() for i in todo}
     pending = {actors[i].estimate.remote(work[i], sigmas, kwargs): i for i in todo}
     rows = data_mod.partition(n, c.chunk_size)
     sizes = [sum(len(rows[j]) for j in group) * len(sigmas) for group in groups]
-    bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for i in partial), unit='img', unit_scale=True,
-               desc=f'calibrate ({source}, images x sigmas)')
+    bar = tqdm(total=sum(sizes), initial=sum(sizes[i] for i in partial), unit=' img', unit_scale=True,
+               desc=f'calibrate ({label}, images x sigmas)')
     progressed = time.monotonic()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
@@ -122,7 +125,7 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
             if stall_timeout and time.monotonic() - progressed > stall_timeout:
                 bar.close()
                 raise StageFailed(
-                    f'calibrate ({source}): no progress for {stall_timeout:g} s; {len(pending)} chunk group(s) wait for an '
+                    f'calibrate ({label}): no progress for {stall_timeout:g} s; {len(pending)} chunk group(s) wait for an '
                     f'actor ({_cpus_gpus(dict(CPU=c.cpus_per_actor, GPU=c.gpus_per_actor))} each); the cluster has '
                     f'{_cpus_gpus(ray.available_resources())} free of {_cpus_gpus(ray.cluster_resources())}. '
                     'The finished groups are kept: run again once it has the resources.')
@@ -138,7 +141,7 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
             bar.n = max(bar.n, sum(sizes[j] for j in partial))  # the running actors' work still counts
             bar.refresh()
         except RayActorError as e:
-            log(f'calibrate ({source}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
+            log(f'calibrate ({label}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
             bar.n = sum(sizes[j] for j in partial)  # what that actor had done is lost
             bar.refresh()
             actors[i] = make_actor()

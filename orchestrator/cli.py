@@ -27,8 +27,13 @@ def _user_errors():
 
 
 def cmd_validate(args):
+    from orchestrator import plan
     s = spec_mod.load(args.spec)
-    print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(s.trials())} sweep trial(s)')
+    stages = {stage.name: stage for stage in plan.make_plan(s, 'results')}  # the trial list as a run resolves it
+    trials = stages['sweep'].inputs['trials'] if 'sweep' in stages else []
+    snapshots = len({t['snapshot_kimg'] for t in trials})
+    print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(trials)} sweep trial(s)'
+          + (f' ({len(trials) // snapshots} settings x {snapshots} model snapshots)' if snapshots > 1 else ''))
 
 
 def cmd_schema(args):
@@ -131,7 +136,7 @@ def build_parser():
         q.set_defaults(fn=fn)
     t = sub.add_parser('results', help='list experiments, or print a results table')
     t.add_argument('experiment', nargs='?')
-    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'sweep', 'timings'))
+    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'likelihood', 'sweep', 'timings'))  # = results.TABLES (pandas-free here)
     t.add_argument('--where', action='append', metavar='COLUMN=VALUE', help='keep rows whose column equals the value')
     t.add_argument('--columns', default=None, help='comma-separated columns to show')
     t.add_argument('--results', default='results')

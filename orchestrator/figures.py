@@ -5,11 +5,17 @@ calibration, dashed calibrated on data, dotted on generated samples (Calib Table
 style; with several image counts, the largest); fid_vs_calibration_images.png: the metric
 against the number of images in the estimate (Calib Table 4), when the sweep has several;
 sweep.md: every number as a table; calibration.png: ||E[eps]||^2 per sigma (Calib Fig. 1, left).
+With several training snapshots (train.snapshots_kimg, or a list of checkpoints): the figures
+above show the last snapshot, and training_progress.png / .md show calibration across training
+(the term per snapshot, the likelihood-bound gain, the metric with and without calibration with
+seed-block spread). The NFE figures and sweep.md show the last snapshot.
 """
 import json
 import os
 
 import matplotlib
+import numpy as np
+import pandas as pd
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
@@ -136,9 +142,11 @@ def calibration_figure(df, path):
     """||E[eps]||^2 per sigma with +-2 standard errors, one line per table (source, images)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     keys = [c for c in ('source', 'table_images') if c in df.columns]
-    for key, d in (df.groupby(keys) if keys else [((), df)]):
+    snapshots = 'snapshot_kimg' in df.columns and df['snapshot_kimg'].nunique() > 1
+    for key, d in (df.groupby(keys + ['snapshot_kimg'] * snapshots) if keys else [((), df)]):
         d = d.sort_values('sigma')
-        what = ', '.join(map(str, key)) + ' images' if keys else f'{int(d["images"].iloc[0])} images'
+        what = (f'{key[0]}, {key[1]} images' + (f', {key[2]:g} kimg' if snapshots else '') if keys
+                else f'{int(d["images"].iloc[0])} images')
         line, = ax.loglog(d['sigma'], d['mean_eps_norm2'], marker='.', label=what)
         ax.fill_between(d['sigma'], (d['mean_eps_norm2'] - 2 * d['mean_eps_norm2_se']).clip(lower=1e-12),
                         d['mean_eps_norm2'] + 2 * d['mean_eps_norm2_se'], alpha=0.2, color=line.get_color())
@@ -146,6 +154,121 @@ def calibration_figure(df, path):
     ax.set_ylabel('||E_q[eps(x; sigma)]||^2 (Calib Eq. 27 gap)')
     ax.set_title('calibration term (bands: +-2 standard errors)')
     return _save(fig, ax, path)
+
+
+def _last_snapshot(df):
+    """The rows of the last training snapshot (figures over NFE or image count show one model)."""
+    if 'snapshot_kimg' in df.columns and df['snapshot_kimg'].nunique() > 1:
+        return df[df['snapshot_kimg'] == df['snapshot_kimg'].max()]
+    return df
+
+
+def seed_block_comparison(sweep):
+    """Per snapshot and solver setting (and calibration table): the metric without and with
+    calibration over the same seed blocks: mean and standard deviation over blocks of each, and of
+    the per-block gain (uncalibrated minus calibrated, paired: block b uses the same seeds in both).
+    `beyond_spread`: the two mean +- std intervals do not overlap."""
+    metric = metric_column(sweep)
+    df = _with_labels(sweep)
+    df = df.assign(blocks=df[f'{metric}_blocks'].map(lambda v: np.array(json.loads(v) if isinstance(v, str) else v, float)))
+    rows = []
+    for (kimg, solver, nfe), g in df.groupby(['snapshot_kimg', 'solver', 'nfe'], dropna=False):
+        base = g[~g['calibrated']]
+        for _, cal in g[g['calibrated']].iterrows():
+            if not len(base):
+                continue
+            a, b = base['blocks'].iloc[0], cal['blocks']
+            gain = a - b
+            spread = lambda x: float(x.std(ddof=1)) if len(x) > 1 else float('nan')
+            rows.append(dict(snapshot_kimg=kimg, solver=solver, nfe=int(nfe), calibration=cal['calibration'], seed_blocks=len(a),
+                             uncalibrated=float(a.mean()), uncalibrated_std=spread(a), calibrated=float(b.mean()),
+                             calibrated_std=spread(b), gain=float(gain.mean()), gain_std=spread(gain),
+                             beyond_spread=bool(abs(a.mean() - b.mean()) > spread(a) + spread(b))))
+    return pd.DataFrame(rows)
+
+
+def training_progress(sweep, calibration, likelihood, path, title=''):
+    """Calibration across training (one figure, four panels, from the Parquet rows): ||E[eps]||^2
+    per sigma for each snapshot (Calib Fig. 1 top row); the likelihood-bound gain (Calib Eq. 11)
+    against kimg, +-1 SE, with its Monte Carlo noise floor; the metric without and with calibration
+    against kimg, mean +-1 std over seed blocks; the paired gain per seed block, mean +-1 std."""
+    metric = metric_column(sweep)
+    comparison = seed_block_comparison(sweep)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_eps, ax_gain), (ax_fid, ax_delta) = axes
+    cmap = plt.get_cmap('viridis')
+    kimgs = sorted(calibration['snapshot_kimg'].dropna().unique())
+    for i, (kimg, d) in enumerate(calibration[calibration['table_images'] == calibration['table_images'].max()]
+                                  .groupby('snapshot_kimg')):
+        for source, e in d.groupby('source'):
+            e = e.sort_values('sigma')
+            ax_eps.loglog(e['sigma'], e['mean_eps_norm2'], SOURCE_STYLE.get(source, '-').replace('--', '-'), marker='.',
+                          color=cmap(i / max(len(kimgs) - 1, 1)), label=f'{kimg:g} kimg ({source})')
+    ax_eps.set_xlabel('sigma')
+    ax_eps.set_ylabel('||E_q[eps(x; sigma)]||^2')
+    ax_eps.set_title('calibration term per snapshot (Calib Fig. 1)')
+    for (source, n), d in likelihood.groupby(['source', 'table_images']):
+        d = d.sort_values('snapshot_kimg')
+        line = ax_gain.errorbar(d['snapshot_kimg'], d['likelihood_gain_nats'], yerr=d['likelihood_gain_se'], marker='o',
+                                capsize=3, label=f'{source}, {n} images (+-1 SE)')
+        ax_gain.plot(d['snapshot_kimg'], d['likelihood_gain_noise_floor'], ':', color=line[0].get_color(),
+                     label='Monte Carlo noise floor')
+    ax_gain.set_yscale('log')
+    ax_gain.set_xlabel('training kimg')
+    ax_gain.set_ylabel('likelihood-bound gain, nats per image')
+    ax_gain.set_title('Calib Eq. 11: gain of the likelihood bound')
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    several = comparison['solver'].nunique() > 1  # name the solver only when there are several (sweep.md names them)
+    for i, ((solver, nfe, calibration_label), d) in enumerate(comparison.groupby(['solver', 'nfe', 'calibration'])):
+        d = d.sort_values('snapshot_kimg')
+        color, name = colors[i % len(colors)], f'{solver + " " if several else ""}NFE {nfe}'
+        ax_fid.errorbar(d['snapshot_kimg'], d['uncalibrated'], yerr=d['uncalibrated_std'], marker='o', capsize=3,
+                        color=color, label=f'{name}, uncalibrated')
+        ax_fid.errorbar(d['snapshot_kimg'], d['calibrated'], yerr=d['calibrated_std'], marker='s', capsize=3, linestyle='--',
+                        color=color, label=f'{name}, calibrated ({calibration_label})')
+        ax_delta.errorbar(d['snapshot_kimg'], d['gain'], yerr=d['gain_std'], marker='o', capsize=3, color=color,
+                          label=f'{name} ({calibration_label})')
+    blocks = int(comparison['seed_blocks'].max()) if len(comparison) else 0
+    ax_fid.set_xlabel('training kimg')
+    ax_fid.set_ylabel(_axis_label(sweep, metric))
+    ax_fid.set_title(f'mean +-1 std over {blocks} seed blocks')
+    ax_delta.axhline(0, color='k', linewidth=0.8)
+    ax_delta.set_xlabel('training kimg')
+    ax_delta.set_ylabel(f'{"FID" if metric == "fid" else "Frechet distance"} gain (uncalibrated - calibrated)')
+    ax_delta.set_title('gain from calibration, paired per seed block (+-1 std)')
+    for ax in axes.flat:
+        ax.grid(alpha=0.3, which='both')
+        ax.legend(fontsize=7)
+    for ax in (ax_gain, ax_fid, ax_delta):
+        ax.set_xscale('log')
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def training_progress_markdown(sweep, likelihood):
+    """One row per snapshot and setting: the metric without and with calibration (mean +- std over
+    seed blocks), the paired gain, whether it is beyond the spread, and the likelihood-bound gain."""
+    metric = metric_column(sweep)
+    comparison = seed_block_comparison(sweep)
+    gains = {(r.snapshot_kimg, r.source, r.table_images): r for r in likelihood.itertuples()}
+    name = 'FID' if metric == 'fid' else 'Frechet distance'
+    lines = [f'| kimg | solver | NFE | calibration | {name} uncalibrated | {name} calibrated | gain (paired) | beyond spread '
+             '| likelihood gain, nats/image (+-SE; noise floor) |', '|---|---|---|---|---|---|---|---|---|']
+    for r in comparison.sort_values(['solver', 'nfe', 'snapshot_kimg']).itertuples():
+        source, _, images = r.calibration.partition(', ')
+        g = gains.get((r.snapshot_kimg, source, int(images.split()[0]) if images else None))
+        like = f'{g.likelihood_gain_nats:.3g} +- {g.likelihood_gain_se:.2g}; {g.likelihood_gain_noise_floor:.2g}' if g else ''
+        lines.append(f'| {r.snapshot_kimg:g} | {r.solver} | {r.nfe} | {r.calibration} | {r.uncalibrated:.1f} +- '
+                     f'{r.uncalibrated_std:.1f} | {r.calibrated:.1f} +- {r.calibrated_std:.1f} | {r.gain:+.1f} +- {r.gain_std:.1f} '
+                     f'| {"yes" if r.beyond_spread else "no"} | {like} |')
+    n, blocks = int(sweep['num_samples'].iloc[0]), int(comparison['seed_blocks'].max())
+    lines.append(f'\n{name}: mean +- std over {blocks} seed blocks of {n} images each (block b: seeds b*{n}..(b+1)*{n}-1, the '
+                 f'same with and without calibration) against {_reference_words(sweep)}; gain = uncalibrated - calibrated '
+                 'per block; beyond spread: the two mean +- std intervals do not overlap.')
+    return '\n'.join(lines)
 
 
 def render(root, experiment):
@@ -157,16 +280,27 @@ def render(root, experiment):
     except FileNotFoundError:
         sweep = None
     if sweep is not None and len(sweep):
-        written.append(fid_vs_nfe(sweep, os.path.join(out_dir, 'fid_vs_nfe.png'), title=experiment))
+        last = _last_snapshot(sweep)
+        kimg = last['snapshot_kimg'].iloc[0] if 'snapshot_kimg' in last.columns and len(last) < len(sweep) else None
+        written.append(fid_vs_nfe(last, os.path.join(out_dir, 'fid_vs_nfe.png'),
+                                  title=experiment + ('' if kimg is None else f' ({kimg:g} kimg)')))
         if 'calibration_images' in sweep.columns and sweep['calibration_images'].nunique() > 1:
-            written.append(fid_vs_calibration_images(sweep, os.path.join(out_dir, 'fid_vs_calibration_images.png'),
+            written.append(fid_vs_calibration_images(last, os.path.join(out_dir, 'fid_vs_calibration_images.png'),
                                                      title=experiment))
         with open(os.path.join(out_dir, 'sweep.md'), 'w') as f:
-            f.write(sweep_markdown(sweep) + '\n')
+            f.write(sweep_markdown(last) + '\n')
         written.append(os.path.join(out_dir, 'sweep.md'))
     try:
         cal = results.read_table(root, experiment, 'calibration')
         written.append(calibration_figure(cal, os.path.join(out_dir, 'calibration.png')))
     except FileNotFoundError:
-        pass
+        cal = None
+    if sweep is not None and cal is not None and 'snapshot_kimg' in sweep.columns and sweep['snapshot_kimg'].nunique() > 1 \
+            and sweep['calibrated'].any() and not sweep['calibrated'].all():
+        likelihood = results.read_table(root, experiment, 'likelihood')
+        written.append(training_progress(sweep, cal, likelihood, os.path.join(out_dir, 'training_progress.png'),
+                                         title=f'{experiment}: calibration across training'))
+        with open(os.path.join(out_dir, 'training_progress.md'), 'w') as f:
+            f.write(training_progress_markdown(sweep, likelihood) + '\n')
+        written.append(os.path.join(out_dir, 'training_progress.md'))
     return written

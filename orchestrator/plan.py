@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from orchestrator.spec import sampler_kwargs, stable_hash, train_config
+from orchestrator.spec import sampler_kwargs, snapshot_key, stable_hash, train_config
 from orchestrator.results import write_json
 from tasks import calibration, checkpoints, precond
 from tasks.files import sha256_file
@@ -80,24 +80,34 @@ def make_plan(spec, results_root):
         return stage
 
     data = asdict(spec.data)
-    if spec.model.checkpoint:
-        model = add('checkpoint', dict(file_sha256=sha256_file(spec.model.checkpoint), format=spec.model.format),
-                    'none (reads model.checkpoint)', path=spec.model.checkpoint)
+    files = spec.model.checkpoints()
+    if files:
+        snapshots = [checkpoints.snapshot_kimg(f, spec.model.format) for f in files]
+        model = add('checkpoint', dict(files=[dict(sha256=sha256_file(f), kimg=k) for f, k in zip(files, snapshots)],
+                                       format=spec.model.format),
+                    'none (reads model.checkpoint)', paths=files)
     else:
         t, config = spec.train, train_config(spec)
+        snapshots = sorted(set(config.snapshots_kimg) | {config.total_kimg})
         gpu = {True: 'GPU', False: 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[t.use_gpu]
         # The worker count decides each rank's data order and noise, so it is part of the result.
         model = add('train', dict(data=data, config=asdict(config), workers=t.workers),
                     f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {config.total_kimg} kimg at batch '
-                    f'{config.batch_size}', cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, max_failures=t.max_failures)
-    trials = spec.trials()
+                    f'{config.batch_size}' + (f', snapshots at {", ".join(f"{k:g}" for k in snapshots)} kimg'
+                                              if len(snapshots) > 1 else ''),
+                    cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, max_failures=t.max_failures)
+    # Every snapshot is calibrated and swept: the trial grid crossed with the snapshots.
+    trials = [dict(t, snapshot_kimg=k) for k in snapshots for t in spec.trials()]
     calibrate = None
     if spec.calibrate is not None:
         c = spec.calibrate
-        sigmas = [float(s) for s in calibration_sigmas(spec, trials)]
+        levels = [noise_levels(spec, f) for f in files] or [noise_levels(spec)] * len(snapshots)
+        sigmas = {snapshot_key(k): [float(s) for s in calibration_sigmas(net, [t for t in trials if t['snapshot_kimg'] == k])]
+                  for k, net in zip(snapshots, levels)}
         calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sigmas=sigmas),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
-                        f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}',
+                        f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}'
+                        + (f'; for each of {len(snapshots)} snapshots' if len(snapshots) > 1 else ''),
                         [model], **_options('calibrate', asdict(c)))
     if spec.sweep is not None:
         e = spec.evaluate
@@ -118,20 +128,20 @@ def make_plan(spec, results_root):
     return stages
 
 
-def noise_levels(spec):
+def noise_levels(spec, checkpoint=None):
     """What a sampler's sigma grid depends on (sigma_min, sigma_max, round_sigma): the given
     checkpoint, or the spec's preconditioner without its network (the trained model's are the same)."""
-    if spec.model.checkpoint:
-        return checkpoints.load_denoiser(spec.model.checkpoint, spec.model.format)
+    if checkpoint:
+        return checkpoints.load_denoiser(checkpoint, spec.model.format)
     config = train_config(spec)
     return precond.PRECONDS[config.precond](img_resolution=1, img_channels=1, model_type=None, **config.precond_kwargs)
 
 
-def calibration_sigmas(spec, trials):
-    """The calibration grid: the union of every sigma the calibrated trials' samplers will query
-    (Heun's second evaluations and stochastic sigma-hats included), found by running each sampler on
-    the model's noise levels (DESIGN.md); with no calibrated trial, EDM's 18-step sampler's."""
-    net = noise_levels(spec)
+def calibration_sigmas(net, trials):
+    """The calibration grid of a model (`net`: its noise levels): the union of every sigma its
+    calibrated trials' samplers will query (Heun's second evaluations and stochastic sigma-hats
+    included), found by running each sampler on the model's noise levels (DESIGN.md); with no
+    calibrated trial, EDM's 18-step sampler's."""
     grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in trials if t['calibrated']]
     return calibration.union_sigmas(*(grids or [calibration.queried_sigmas('edm', net, num_steps=18)]))
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from tasks.files import atomic_write
 
-TABLES = ('train_log', 'calibration', 'sweep', 'timings')
+TABLES = ('train_log', 'calibration', 'likelihood', 'sweep', 'timings')
 PROVENANCE = ('experiment', 'spec_hash', 'stage', 'stage_hash', 'code_version', 'seed', 'device', 'created_at')
 
 

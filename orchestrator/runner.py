@@ -7,6 +7,7 @@ this machine can reach it). An existing cluster (--address) is used as its owner
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import socket
 import sys
@@ -15,7 +16,7 @@ import time
 import torch
 
 from orchestrator import figures, plan, results
-from orchestrator.spec import SpecError, stable_hash, table_key
+from orchestrator.spec import SpecError, snapshot_key, stable_hash, table_key
 from tasks import calibration, checkpoints, data, metrics
 from tasks import train as tasks_train
 
@@ -213,19 +214,28 @@ def _run_stages(spec, stages, results_root, dataset, opts):
 
 def _train(stage, upstream, dataset, opts):
     from orchestrator.train import run_train_stage
-    network, device = run_train_stage(stage.dir, tasks_train.TrainConfig(**stage.inputs['config']), stage.inputs['data'],
-                                      workers=stage.inputs['workers'], cpus_per_worker=stage.options['cpus_per_worker'],
-                                      use_gpu=stage.options['use_gpu'], max_failures=stage.options['max_failures'])
-    return dict(network=os.path.abspath(network), format='network.pt', device=device)
+    config = tasks_train.TrainConfig(**stage.inputs['config'])
+    networks, device = run_train_stage(stage.dir, config, stage.inputs['data'], workers=stage.inputs['workers'],
+                                       cpus_per_worker=stage.options['cpus_per_worker'], use_gpu=stage.options['use_gpu'],
+                                       max_failures=stage.options['max_failures'])
+    snapshots = {snapshot_key(k): dict(network=os.path.abspath(path), format='network.pt', kimg=k)
+                 for k, path in sorted(networks.items())}
+    return dict(network=snapshots[snapshot_key(config.total_kimg)]['network'], format='network.pt', device=device,
+                snapshots=snapshots)
 
 
 def _checkpoint(stage, upstream, dataset, opts):
-    path = stage.options['path']
-    fmt = stage.inputs['format'] or checkpoints.detect_format(path)
-    net = checkpoints.load_denoiser(path, fmt)  # fails here, before any work, if it cannot load
-    opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
-        f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g})')
-    return dict(network=os.path.abspath(path), format=fmt, device=None, sha256=net.source['sha256'])
+    snapshots = {}
+    for path, file in zip(stage.options['paths'], stage.inputs['files']):
+        fmt = stage.inputs['format'] or checkpoints.detect_format(path)
+        net = checkpoints.load_denoiser(path, fmt)  # fails here, before any work, if it cannot load
+        kimg = file['kimg']
+        opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
+                 f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g}'
+                 f'{"" if kimg is None else f", {kimg:g} kimg"})')
+        snapshots[snapshot_key(kimg)] = dict(network=os.path.abspath(path), format=fmt, kimg=kimg, sha256=net.source['sha256'])
+    last = list(snapshots.values())[-1]
+    return dict(network=last['network'], format=last['format'], device=None, sha256=last['sha256'], snapshots=snapshots)
 
 
 def _model_outputs(upstream):
@@ -233,33 +243,40 @@ def _model_outputs(upstream):
 
 
 def _calibrate(stage, upstream, dataset, opts):
+    """One calibration per model snapshot, each on its own sigma grid (the plan's, as hashed)."""
     from orchestrator.calibrate import run_calibration
     from orchestrator.spec import CalibrateSpec
-    model, where = _model_outputs(upstream), stage.options['spec_path']
+    where = stage.options['spec_path']
     c = CalibrateSpec(**stage.inputs['calibrate'], **{k: v for k, v in stage.options.items() if k != 'spec_path'})
-    net = checkpoints.load_denoiser(model['network'], model['format'])
-    if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
-        raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
-                        f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
-                        '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
-    if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
-        raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
-    if net.label_dim and net.label_dim != dataset.num_classes:
-        raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
-                        f'{dataset.num_classes}')
-    sigmas = torch.tensor(stage.inputs['sigmas'], dtype=torch.float64)  # the plan's grid, as hashed
-    opts.log(f'calibrate: {len(sigmas)} sigmas (every sigma the calibrated trials will query)')
-    meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]))
+    snapshots = _model_outputs(upstream)['snapshots']
     tables = {}
-    for source in c.sources():
-        by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=opts.log, keep_dir=stage.dir,
-                                   stall_timeout=opts.stall_timeout)
-        for n, table in by_count.items():
-            path = os.path.join(stage.dir, f'table-{source}-{n}.pt')
-            table.save(path)
-            tables[table_key(source, n)] = os.path.abspath(path)
-        calibration.save_mean_eps_figure(by_count[max(by_count)], os.path.join(stage.dir, f'mean_eps-{source}.png'))
-    return dict(tables=tables, sigmas=len(sigmas))
+    for key, model in snapshots.items():
+        net = checkpoints.load_denoiser(model['network'], model['format'])
+        if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
+            raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+                            f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
+                            '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
+        if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
+            raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
+        if net.label_dim and net.label_dim != dataset.num_classes:
+            raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
+                            f'{dataset.num_classes}')
+        sigmas = torch.tensor(stage.inputs['sigmas'][key], dtype=torch.float64)
+        name = f'{key}: ' if len(snapshots) > 1 else ''
+        opts.log(f'calibrate: {name}{len(sigmas)} sigmas (every sigma the calibrated trials will query)')
+        meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]),
+                    snapshot_kimg=model['kimg'])
+        folder = os.path.join(stage.dir, key)  # partial tables, tables and figures of this snapshot
+        os.makedirs(folder, exist_ok=True)
+        for source in c.sources():
+            by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=opts.log, keep_dir=folder,
+                                       stall_timeout=opts.stall_timeout, label=f'{name}{source}')
+            for n, table in by_count.items():
+                path = os.path.join(folder, f'table-{source}-{n}.pt')
+                table.save(path)
+                tables[table_key(model['kimg'], source, n)] = os.path.abspath(path)
+            calibration.save_mean_eps_figure(by_count[max(by_count)], os.path.join(folder, f'mean_eps-{source}.png'))
+    return dict(tables=tables)
 
 
 def _reference(stage, upstream, dataset, opts):
@@ -273,7 +290,8 @@ def _reference(stage, upstream, dataset, opts):
                                           device='cuda' if torch.cuda.is_available() else 'cpu')
     opts.log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
     # KID and precision/recall compare features, not mean and covariance.
-    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=stage.inputs['features'])
+    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=stage.inputs['features'],
+                                         progress=True)
     return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
 
 
@@ -282,7 +300,7 @@ def _sweep(stage, upstream, dataset, opts):
     from orchestrator.sweep import run_sweep
     e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
     reference = metrics.load_reference_statistics(upstream['reference']['stats'], features=e['kid'] or e['precision_recall'])
-    context = dict(model=_model_outputs(upstream), tables=upstream.get('calibrate', {}).get('tables', {}),
+    context = dict(snapshots=_model_outputs(upstream)['snapshots'], tables=upstream.get('calibrate', {}).get('tables', {}),
                    interpolate=stage.inputs['interpolate'], reference=ray.put(reference), trials_dir=stage.trials_dir,
                    **{k: e[k] for k in ('class_idx', 'num_images', 'seed_blocks', 'batch_size', 'kid', 'precision_recall',
                                         'inception_weights')})
@@ -307,15 +325,24 @@ def _write_train_log(spec, stage, state, root, prov):
 
 
 def _write_calibration(spec, stage, state, root, prov):
-    rows = []
+    """calibration: one row per table and sigma (Calib Fig. 1 top row and Eq. 27); likelihood:
+    one row per table, the gain of the likelihood bound (Calib Eq. 11)."""
+    rows, gains = [], []
     for path in state['calibrate']['tables'].values():
         table = calibration.CalibrationTable.load(path)
+        m = table.meta
+        which = dict(snapshot_kimg=m.get('snapshot_kimg'), source=m['source'], table_images=m['image_count'])
         gap = calibration.dsm_gap(table)
-        rows += [dict(source=table.meta['source'], table_images=table.meta['image_count'], sigma=float(s), images=int(n),
-                      c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b),
+        rows += [dict(which, sigma=float(s), images=int(n), c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b),
                       config=dataclasses.asdict(spec.calibrate))
                  for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], gap['noise_se'])]
+        gain = calibration.likelihood_gain(table)
+        dims = math.prod(table.shape)
+        gains.append(dict(which, likelihood_gain_nats=gain['nats'], likelihood_gain_se=gain['se'],
+                          likelihood_gain_noise_floor=gain['noise_floor'], likelihood_gain_bpd=gain['nats'] / (dims * math.log(2)),
+                          grid_points=gain['grid_points'], sigma_min=float(table.sigmas.min()), sigma_max=float(table.sigmas.max())))
     results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
+    results.write_table(root, spec.experiment, 'likelihood', gains, dict(prov, device=None))
 
 
 def _write_sweep(spec, stage, state, root, prov):

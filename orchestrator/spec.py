@@ -50,8 +50,13 @@ class ModelSpec:
     precond: str = 'edm'                   # tasks.precond.PRECONDS
     network_overrides: dict = field(default_factory=dict)
     precond_kwargs: dict = field(default_factory=dict)
-    checkpoint: Optional[str] = None       # an existing model (no training stage): network.pt, EDM .pkl, diffusers dir
+    # An existing model (no training stage): network.pt, EDM .pkl or diffusers dir; or a list of
+    # snapshots of one training run (each file's kimg read from it), calibrated and swept each.
+    checkpoint: object = None
     format: Optional[str] = None           # tasks.checkpoints.FORMATS; detected from the file when not given
+
+    def checkpoints(self):
+        return [] if self.checkpoint is None else list(self.checkpoint) if isinstance(self.checkpoint, list) else [self.checkpoint]
 
 
 # The train section is tasks.train.TrainConfig (same names, same defaults) less what the model
@@ -185,7 +190,7 @@ class Spec:
         return out
 
 
-TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images', 'calibration_per_class')
+TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images', 'calibration_per_class', 'snapshot_kimg')
 
 
 def sampler_kwargs(trial):
@@ -193,9 +198,15 @@ def sampler_kwargs(trial):
     return {k: v for k, v in trial.items() if k not in TRIAL_KEYS}
 
 
-def table_key(source, images):
+def snapshot_key(kimg):
+    """How stages name a model snapshot: its kimg of training, or 'model' for a lone checkpoint
+    whose kimg is not known."""
+    return 'model' if kimg is None else f'{kimg:g}kimg'
+
+
+def table_key(snapshot_kimg, source, images):
     """How calibrate-stage outputs and sweep trials name a calibration table."""
-    return f'{source}/{images}'
+    return f'{snapshot_key(snapshot_kimg)}/{source}/{images}'
 
 
 SECTIONS = {'data': DataSpec, 'model': ModelSpec, 'train': TrainSpec, 'calibrate': CalibrateSpec,
@@ -325,18 +336,32 @@ def _validate(spec, path):
         _choice(path, 'model.format', m.format, checkpoints.FORMATS)
         if m.checkpoint is None:
             _fail(path, 'model.format', 'says the format of model.checkpoint, which is not given')
-    if m.checkpoint is not None:
+    listed = isinstance(m.checkpoint, list)
+    if listed and (not m.checkpoint or not all(isinstance(f, str) for f in m.checkpoint)) or \
+            not listed and m.checkpoint is not None and not isinstance(m.checkpoint, str):
+        _fail(path, 'model.checkpoint', f'expected a path or a non-empty list of paths, got {m.checkpoint!r}')
+    kimgs = []
+    for i, file in enumerate(m.checkpoints()):
+        where = f'model.checkpoint[{i}]' if listed else 'model.checkpoint'
         try:
-            detected = checkpoints.detect_format(m.checkpoint)
+            detected = checkpoints.detect_format(file)
             if (m.format or detected) == 'network.pt':
-                checkpoints.read_network_pt(m.checkpoint, mmap=True)  # what it holds, its tensors left on disk
+                checkpoints.read_network_pt(file, mmap=True)  # what it holds, its tensors left on disk
+            kimgs.append(checkpoints.snapshot_kimg(file, m.format or detected))
         except checkpoints.CheckpointError as e:
-            _fail(path, 'model.checkpoint', str(e))
+            _fail(path, where, str(e))
         if m.format is not None and m.format != detected:
-            _fail(path, 'model.format', f'{m.format!r}, but {m.checkpoint} is a {detected} file')
+            _fail(path, 'model.format', f'{m.format!r}, but {file} is a {detected} file')
+        if listed and kimgs[-1] is None:
+            _fail(path, where, f'{file}: cannot tell at which kimg of training it was taken (a network.pt says so; an '
+                               'EDM snapshot is named network-snapshot-KIMG.pkl); a list of checkpoints is a training axis')
+    if listed and len(set(kimgs)) < len(kimgs):
+        _fail(path, 'model.checkpoint', f'two snapshots of the same kimg ({", ".join(f"{k:g}" for k in kimgs)})')
     for key in ('total_kimg', 'batch_size', 'lr', 'workers', 'cpus_per_worker', 'kimg_per_tick', 'checkpoint_ticks'):
         _positive(path, f'train.{key}', getattr(t, key))
     _positive(path, 'train.max_failures', t.max_failures, allow_zero=True)
+    if not all(isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= t.total_kimg for k in t.snapshots_kimg):
+        _fail(path, 'train.snapshots_kimg', f'expected numbers in (0, total_kimg = {t.total_kimg:g}], got {t.snapshots_kimg!r}')
     if t.use_gpu not in ('auto', True, False) or isinstance(t.use_gpu, int) and not isinstance(t.use_gpu, bool):
         _fail(path, 'train.use_gpu', f'expected auto, true or false, got {t.use_gpu!r}')
     _choice(path, 'train.loss', t.loss, ('vp', 've', 'edm'))

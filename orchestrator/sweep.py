@@ -14,24 +14,27 @@ from ray import tune
 from tqdm import tqdm
 
 from orchestrator.results import write_json
-from orchestrator.spec import sampler_kwargs, table_key
+from orchestrator.spec import sampler_kwargs, snapshot_key, table_key
 from tasks import calibration, checkpoints, metrics
 
 
 def describe_trial(trial):
-    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images)'."""
+    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images) @ 5 kimg'
+    (the snapshot named when the model has a training kimg)."""
     params = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
     per_class = ', per class' if trial.get('calibration_per_class') else ''
     calibrated = (f' calibrated ({trial["calibration_source"]}, {trial["calibration_images"]} images{per_class})'
                   if trial['calibrated'] else '')
-    return f'{trial["sampler"]} {params}{calibrated}'
+    kimg = trial.get('snapshot_kimg')
+    return f'{trial["sampler"]} {params}{calibrated}' + ('' if kimg is None else f' @ {kimg:g} kimg')
 
 
 def trial_row(trial):
     """The settings part of a trial's row in the sweep table."""
     return dict(label=describe_trial(trial), sampler=trial['sampler'], calibrated=trial['calibrated'],
                 calibration_source=trial.get('calibration_source'), calibration_images=trial.get('calibration_images'),
-                calibration_per_class=trial.get('calibration_per_class'), params=sampler_kwargs(trial))
+                calibration_per_class=trial.get('calibration_per_class'), snapshot_kimg=trial.get('snapshot_kimg'),
+                params=sampler_kwargs(trial))
 
 
 def _trial(config):
@@ -39,9 +42,11 @@ def _trial(config):
     trial = item['trial']
     start = time.time()
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
-    net = checkpoints.load_denoiser(ctx['model']['network'], ctx['model']['format']).to(device)
+    model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
+    net = checkpoints.load_denoiser(model['network'], model['format']).to(device)
     if trial['calibrated']:
-        table = calibration.CalibrationTable.load(ctx['tables'][table_key(trial['calibration_source'], trial['calibration_images'])])
+        key = table_key(trial['snapshot_kimg'], trial['calibration_source'], trial['calibration_images'])
+        table = calibration.CalibrationTable.load(ctx['tables'][key])
         net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                              per_class=trial['calibration_per_class'])
     weights = metrics.resolve_inception_weights(ctx['inception_weights'])
@@ -51,7 +56,7 @@ def _trial(config):
                               batch_size=ctx['batch_size'], device=device, kid=ctx['kid'], precision_recall=ctx['precision_recall'],
                               class_idx=ctx['class_idx'], **sampler_kwargs(trial))
     row = dict(trial_row(trial), trial_hash=item['hash'],
-               **{k: (str(v) if k.endswith('_blocks') else v) for k, v in result.items()},
+               **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
     # The row is kept as soon as the trial ends, so a killed driver or a later run reuses it.
     write_json(os.path.join(ctx['trials_dir'], f'{item["hash"]}.json'), row)
@@ -101,7 +106,7 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
     the labels of the trials that failed. Trials finished before (a row under
     context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
     max_failures times. A failed trial's row holds its error and no metrics.
-    context: model (the model stage's outputs: network path and format), tables ({table_key:
+    context: snapshots (the model stage's outputs: {snapshot_key: network path, format, kimg}), tables ({table_key:
     path}), interpolate, reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
     seed_blocks, batch_size, kid, precision_recall, inception_weights."""
     os.makedirs(context['trials_dir'], exist_ok=True)

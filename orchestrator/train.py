@@ -165,7 +165,8 @@ def _fit(trainer):
 
 def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use_gpu='auto', max_failures=2):
     """Train `config` (tasks.train.TrainConfig) on the dataset of `data` (tasks.data.load_dataset
-    keyword arguments) with Ray Train; returns (path of network.pt in stage_dir, device used)."""
+    keyword arguments) with Ray Train; returns ({kimg: network file in stage_dir} for every snapshot
+    and the final network (total_kimg: network.pt), device used)."""
     use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if use_gpu == 'auto' else use_gpu
     storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
     loop_config = dict(data=data, train=dataclasses.asdict(config), run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
@@ -183,4 +184,15 @@ def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use
         raise result.error
     with result.checkpoint.as_directory() as d:
         shutil.copy(os.path.join(d, tasks_train.NETWORK), os.path.join(stage_dir, tasks_train.NETWORK))
-    return os.path.join(stage_dir, tasks_train.NETWORK), 'cuda' if use_gpu else 'cpu'
+    # Snapshots are written by rank 0 into its run folder (on the results root: shared storage).
+    snapshots = {config.total_kimg: os.path.join(stage_dir, tasks_train.NETWORK)}
+    for k in config.snapshots_kimg:
+        if k < config.total_kimg:
+            name = tasks_train.snapshot_name(k)
+            source = os.path.join(loop_config['run_dir'], 'rank0', name)
+            if not os.path.isfile(source):
+                raise RuntimeError(f'{source}: the {k:g}-kimg snapshot is missing: is the results root shared storage '
+                                   'that every node writes to?')
+            shutil.copy(source, os.path.join(stage_dir, name))
+            snapshots[k] = os.path.join(stage_dir, name)
+    return snapshots, 'cuda' if use_gpu else 'cpu'

@@ -349,13 +349,28 @@ def likelihood_terms(table, noise_schedule):
     return dict(t=t, sigma=table.sigmas, half_sq=0.5 * e2, weighted=beta / (2 * noise_schedule.std(t) ** 2) * e2)
 
 
-def likelihood_gain(table, noise_schedule):
-    """Calib Eq. 11: the gain of the likelihood lower bound, the integral over t of
-    g(t)^2 / (2 std_t^2) ||E eps||^2 dt (nats per image), by the trapezoid rule over the table's
-    grid (which should then cover [t_min, 1] densely)."""
-    terms = likelihood_terms(table, noise_schedule)
-    order = torch.argsort(terms['t'])
-    return float(torch.trapezoid(terms['weighted'][order], terms['t'][order]))
+def likelihood_gain(table):
+    """Calib Eq. 11: the gain of the likelihood lower bound by calibration, in nats per image: the
+    integral over t of g(t)^2 / (2 std_t^2) ||E eps||^2. With sigma = std/alpha as the time
+    variable this is the integral of ||E eps||^2 d ln sigma for every schedule (VP:
+    beta dt / (2 (1 - alpha^2)) = d ln sigma; VE and EDM: d sigma^2 / (2 sigma^2) = d ln sigma), taken by
+    the trapezoid rule in ln sigma over the table's grid (a dense grid gives the integral; a
+    sampler's grid of a few points, a rough value).
+    Returns nats, se (delta method per sigma, combined as if the sigmas' errors were independent:
+    they share the images, so this understates it when they are positively correlated),
+    noise_floor (what the estimate averages to when E eps = 0: Monte Carlo variance, the same
+    integral of sum_i se_i^2 / sigma^2; a gain not well above it is not resolved), grid_points."""
+    order = torch.argsort(table.sigmas)
+    ln_sigma = table.sigmas[order].log()
+    gaps = ln_sigma.diff()
+    weights = torch.zeros_like(ln_sigma)  # trapezoid weights: sum_k w_k f_k = trapezoid(f, ln sigma)
+    weights[:-1] += gaps / 2
+    weights[1:] += gaps / 2
+    gap = dsm_gap(table)
+    floor = table.standard_error()[0].flatten(1).square().sum(1) / table.sigmas ** 2
+    return dict(nats=float((weights * gap['noise'][order]).sum()),
+                se=float((weights.square() * gap['noise_se'][order].square()).sum().sqrt()),
+                noise_floor=float((weights * floor[order]).sum()), grid_points=len(ln_sigma))
 
 
 def queried_sigmas(sampler, net, **sampler_kwargs):

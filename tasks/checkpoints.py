@@ -58,6 +58,17 @@ def detect_format(path):
                           f'(a torch zip file), an EDM snapshot .pkl, or a diffusers model directory')
 
 
+def snapshot_kimg(path, format=None):
+    """At which kimg of training a model file was taken, or None when it does not say: a network.pt
+    records it (cur_nimg), EDM names its snapshots network-snapshot-KIMG.pkl."""
+    fmt = format or detect_format(path)
+    if fmt == 'network.pt':
+        blob, _ = read_network_pt(path, mmap=True)
+        return blob['cur_nimg'] / 1000 if 'cur_nimg' in blob else None
+    match = re.fullmatch(r'network-snapshot-(\d+)\.pkl', os.path.basename(path)) if fmt == 'edm-pkl' else None
+    return float(match.group(1)) if match else None
+
+
 def load_denoiser(path, format=None, map_location='cpu'):
     """The denoiser stored at `path` (file or directory), in eval mode with gradients off.
     `format` overrides detection (one of FORMATS). The result carries `.source` =

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from tasks import data as data_mod
 from tasks.files import atomic_write, sha256_file
@@ -317,19 +318,22 @@ def load_reference_statistics(path, dim=2048, features=False):
     return out if kept is None else dict(out, features=kept)
 
 
-def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False):
+def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False, progress=False):
     """Mean and covariance of `dataset`'s features (tasks.data.ImageDataset, uint8), computed once
     and cached under a key of the dataset's content hash and the weights' sha256. keep_features
     also keeps (and caches) the features themselves, which KID and precision/recall compare.
-    The cache file (`cache`) is what load_reference_statistics reads."""
+    The cache file (`cache`) is what load_reference_statistics reads. progress: a tqdm bar."""
     provenance = extractor.provenance
     key = hashlib.sha256(f'{dataset.content_hash()}:{provenance["weights_sha256"] or extractor.name}:stats-v1'.encode()).hexdigest()
     path = os.path.join(cache_dir or default_cache_dir(), f'refstats-{key[:24]}{"-features" if keep_features else ""}.npz')
     if os.path.isfile(path):
         return dict(load_reference_statistics(path, dim=None, features=keep_features), cache=path, **provenance)
     stats = FeatureStats(keep_features=keep_features)
-    for start in range(0, len(dataset), 1024):
-        stats.add(extractor(dataset.images[start:start + 1024]))
+    step = extractor.batch_size
+    with tqdm(total=len(dataset), unit=' img', desc='reference (features)', disable=not progress) as bar:
+        for start in range(0, len(dataset), step):
+            stats.add(extractor(dataset.images[start:start + step]))
+            bar.update(min(step, len(dataset) - start))
     mu, sigma = stats.statistics()
     arrays = dict(mu=mu, sigma=sigma, count=stats.n)
     if keep_features:

@@ -53,6 +53,9 @@ class TrainConfig:
     seed: int = 0
     kimg_per_tick: float = 2.0
     checkpoint_ticks: int = 2
+    # EMA networks kept along the way (snapshot_name(k)), each at the first step that reaches k kimg:
+    # the network a run of total_kimg = k would end with, bit for bit (nothing depends on total_kimg).
+    snapshots_kimg: list = field(default_factory=list)
     dynamic_recording: bool = False        # train h_phi(sigma) alongside (Calib Sec. 3.5)
     recording_lr: float = 1e-3
     recording_table: Optional[str] = None  # CalibrationTable file to log h_phi's MSE against
@@ -61,9 +64,17 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)
         if self.batch_size < 1 or self.total_kimg <= 0 or self.lr <= 0:
             raise ValueError(f'batch_size, total_kimg and lr must be positive; got {self.batch_size}, {self.total_kimg}, {self.lr}')
+        self.snapshots_kimg = sorted({float(k) for k in self.snapshots_kimg})
+        if any(not 0 < k <= self.total_kimg for k in self.snapshots_kimg):
+            raise ValueError(f'snapshots_kimg must lie in (0, total_kimg = {self.total_kimg:g}]; got {self.snapshots_kimg}')
 
 
 CHECKPOINT = 'training-state.pt'
+
+
+def snapshot_name(kimg):
+    """The file of the EMA network kept at `kimg` (TrainConfig.snapshots_kimg)."""
+    return f'network-{kimg:g}kimg.pt'
 NETWORK = 'network.pt'
 
 
@@ -162,8 +173,9 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
     if resume and os.path.exists(ckpt_path):
         state = load_torch_file(ckpt_path, map_location=device)
         saved = TrainConfig(**state['config'])
-        # total_kimg may grow (train longer); anything else must match.
-        diff = [k for k in dataclasses.asdict(config) if k != 'total_kimg' and getattr(saved, k) != getattr(config, k)]
+        # total_kimg may grow (train longer) and snapshots change (they do not steer training); the rest must match.
+        diff = [k for k in dataclasses.asdict(config) if k not in ('total_kimg', 'snapshots_kimg')
+                and getattr(saved, k) != getattr(config, k)]
         if diff:
             raise ValueError(f'{ckpt_path} was written with another config (differs in: {", ".join(diff)}); '
                              f'use another run directory or resume=False')
@@ -226,6 +238,9 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
 
         cur_nimg += config.batch_size
         done = cur_nimg >= total_nimg
+        for k in config.snapshots_kimg if rank == 0 else ():
+            if cur_nimg - config.batch_size < k * 1000 <= cur_nimg and k * 1000 < total_nimg:  # the last one is NETWORK
+                _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log, snapshot_name(k))
         if bar is not None:
             bar.update(config.batch_size)
         if not done and cur_nimg < tick_start_nimg + config.kimg_per_tick * 1000:
@@ -277,14 +292,15 @@ def read_log(path):
     return blob['config'], blob.get('log', [])
 
 
-def _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log):
-    """The trained EMA network with its resolved config and training log (NETWORK file)."""
+def _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log, name=NETWORK):
+    """The EMA network with its resolved config and training log (NETWORK at the end, or a snapshot)."""
     atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
                            image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info,
                            offset_net=None if recorder is None else recorder.h.state_dict(), log=log),
-                      os.path.join(run_dir, NETWORK))
-    with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in log)
+                      os.path.join(run_dir, name))
+    if name == NETWORK:
+        with open(os.path.join(run_dir, 'log.jsonl'), 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in log)
 
 
 def main(argv=None):

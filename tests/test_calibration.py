@@ -267,7 +267,37 @@ def test_figure1_terms_and_likelihood_gain():
     # g^2 / (2 std^2) * 0.25 alpha^2 / std^2 integrated numerically on a finer grid.
     tt = torch.linspace(0.05, 1.0, 20001, dtype=torch.float64)
     fine = (0.1 + tt * 19.9) / (2 * ns.std(tt) ** 2) * 0.25 / ns.sigma(tt) ** 2
-    assert calibration.likelihood_gain(table, ns) == pytest.approx(float(torch.trapezoid(fine, tt)), rel=1e-3)
+    # ... which Eq. 11's gain, taken as the integral over ln sigma whatever the schedule, must equal.
+    gain = calibration.likelihood_gain(table)
+    assert gain['nats'] == pytest.approx(float(torch.trapezoid(fine, tt)), rel=1e-3) and gain['grid_points'] == 400
+
+
+def _gains(offset, repeats=400):
+    """likelihood_gain of `repeats` independent tables: 20 images, 3 pixels, D - y = (offset +
+    N(0, 0.5^2)) * sigma at five sigmas spanning ln 100."""
+    sigmas = torch.tensor([0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(repeats):
+        table = calibration.CalibrationTable(sigmas, (3,))
+        for k in range(len(sigmas)):
+            r = (offset + torch.randn(20, 3, generator=gen, dtype=torch.float64) * 0.5) * sigmas[k]
+            table.add(k, r, torch.zeros_like(r))
+        out.append(calibration.likelihood_gain(table))
+    return torch.tensor([g['nats'] for g in out]), torch.tensor([g['se'] for g in out]), torch.tensor([g['noise_floor'] for g in out])
+
+
+def test_likelihood_gain_noise_floor_and_standard_error():
+    """With E eps = 0 the Monte Carlo estimate of ||E eps||^2 is biased upward by its variance:
+    the gain averages to the reported noise floor (3 pixels x 0.25 / 20 images per sigma, over
+    ln 100). With a real offset (||E eps||^2 = 3 at every sigma: gain 3 ln 100) the estimate is
+    unbiased up to that floor and the delta-method SE is the spread of the gain over tables."""
+    floor = 3 * 0.25 / 20 * math.log(100)
+    gains, _, floors = _gains(0.0)
+    assert float(gains.mean()) == pytest.approx(floor, rel=0.05) and float(floors.mean()) == pytest.approx(floor, rel=0.05)
+    gains, ses, _ = _gains(1.0)
+    assert float(gains.mean()) == pytest.approx(3 * math.log(100) + floor, rel=0.02)
+    assert float(gains.std()) == pytest.approx(float(ses.mean()), rel=0.1)
 
 
 def test_generated_data_calibration(gmm):

@@ -2,6 +2,7 @@
 import os
 
 import pandas as pd
+import pytest
 
 from orchestrator import figures, results
 
@@ -44,3 +45,43 @@ def test_results_without_calibration_columns_still_render(tmp_path):
     md = figures.sweep_markdown(df)
     assert '| no | 30.00 |' in md and '| yes | 29.00 |' in md
     assert [os.path.basename(p) for p in figures.render(str(tmp_path), 'old')] == ['fid_vs_nfe.png', 'sweep.md']
+
+
+def test_training_progress_from_parquet_rows(tmp_path):
+    """Snapshots of one training run: training_progress.png and .md from the sweep, calibration
+    and likelihood tables. The comparison is paired per seed block: block b of the calibrated and
+    uncalibrated rows used the same seeds. Means, standard deviations and the paired gain are
+    checked against hand computations; 'beyond spread' when the mean +- std intervals are apart."""
+    blocks = {  # kimg: (uncalibrated blocks, calibrated blocks)
+        1.0: ([350.0, 356.0, 353.0], [260.0, 264.0, 262.0]),  # far apart
+        20.0: ([100.0, 104.0, 102.0], [101.0, 103.0, 100.5]),  # within the spread
+    }
+    rows, cal, like = [], [], []
+    for kimg, (u, c) in blocks.items():
+        for calibrated, values in ((False, u), (True, c)):
+            row = _row(10, calibrated, 'data' if calibrated else None, 1000 if calibrated else None, fid=min(values))
+            rows.append(dict(row, snapshot_kimg=kimg, fid_blocks=values, fid_mean=sum(values) / 3, seed_blocks=3, num_samples=50))
+        for sigma, e2 in ((0.01, 5.0 / kimg), (1.0, 1.0 / kimg), (80.0, 0.1 / kimg)):
+            cal.append(dict(snapshot_kimg=kimg, source='data', table_images=1000, sigma=sigma, images=1000, c_norm2=e2 * sigma ** 2,
+                            mean_eps_norm2=e2, mean_eps_norm2_se=e2 / 10))
+        like.append(dict(snapshot_kimg=kimg, source='data', table_images=1000, likelihood_gain_nats=10.0 / kimg,
+                         likelihood_gain_se=0.5 / kimg, likelihood_gain_noise_floor=0.01, likelihood_gain_bpd=0.0, grid_points=3))
+    root = str(tmp_path)
+    results.write_table(root, 'prog', 'sweep', rows, PROV)
+    results.write_table(root, 'prog', 'calibration', cal, PROV)
+    results.write_table(root, 'prog', 'likelihood', like, PROV)
+    written = {os.path.basename(p) for p in figures.render(root, 'prog')}
+    assert {'training_progress.png', 'training_progress.md', 'fid_vs_nfe.png', 'sweep.md', 'calibration.png'} <= written
+    comparison = figures.seed_block_comparison(pd.read_parquet(os.path.join(root, 'prog', 'sweep.parquet')))
+    first = comparison[comparison['snapshot_kimg'] == 1.0].iloc[0]
+    assert (first['uncalibrated'], first['uncalibrated_std']) == (353.0, 3.0)  # std of 350, 356, 353 (ddof 1)
+    assert first['calibrated'] == 262.0 and first['calibrated_std'] == 2.0
+    assert first['gain'] == 91.0 and first['gain_std'] == 1.0  # paired: 90, 92, 91
+    last = comparison[comparison['snapshot_kimg'] == 20.0].iloc[0]
+    assert last['gain'] == pytest.approx(0.5) and bool(first['beyond_spread']) and not bool(last['beyond_spread'])
+    md = open(os.path.join(root, 'prog', 'training_progress.md')).read()
+    assert '| 1 | dpm_solver order=2 | 10 | data, 1000 images | 353.0 +- 3.0 | 262.0 +- 2.0 | +91.0 +- 1.0 | yes | 10 +- 0.5; 0.01 |' in md
+    assert '| 20 | dpm_solver order=2 | 10 | data, 1000 images | 102.0 +- 2.0 | 101.5 +- 1.3 | +0.5 +- 1.3 | no |' in md
+    # The NFE table and figure show the last snapshot only.
+    sweep_md = open(os.path.join(root, 'prog', 'sweep.md')).read()
+    assert '100.00' in sweep_md and '350.00' not in sweep_md

@@ -45,7 +45,7 @@ def test_reduced_spec_across_two_worker_nodes(multinode_cluster, tmp_path):
     # The table two actors on two nodes computed is the single-process estimate over the same images.
     cal = results.read_table(str(root), 'multinode', 'calibration')
     assert (cal['images'] == 32).all()
-    table_path = next(p for p in (root / 'multinode' / 'stages').glob('calibrate-*/table-data-32.pt'))
+    table_path = next(p for p in (root / 'multinode' / 'stages').glob('calibrate-*/*/table-data-32.pt'))
     table = calibration.CalibrationTable.load(str(table_path))
     ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=32)
     expected_sum_y = data.to_model_range(ds.images).to(torch.float64).sum(0)
@@ -124,7 +124,7 @@ def _node_running(cluster, class_name):
 
 
 def _table(root, experiment):
-    path = next((root / experiment / 'stages').glob('calibrate-*/table-data-*.pt'))
+    path = next((root / experiment / 'stages').glob('calibrate-*/*/table-data-*.pt'))
     return calibration.CalibrationTable.load(str(path))
 
 

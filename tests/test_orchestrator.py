@@ -72,7 +72,8 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
     (per-rank data order and noise are restored)."""
     from orchestrator.train import PROGRESS, run_train_stage
-    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.64, kimg_per_tick=0.064, checkpoint_ticks=1))
+    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.64, kimg_per_tick=0.064, checkpoint_ticks=1,
+                                   snapshots_kimg=[0.32]))
     failed_dir, clean_dir = tmp_path / 'failed', tmp_path / 'clean'
 
     def past_first_checkpoint():
@@ -86,14 +87,16 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
     run = lambda stage_dir: run_train_stage(stage_dir, tasks_train.TrainConfig(**train.inputs['config']), train.inputs['data'],
                                             workers=2, max_failures=1)
-    network, device = run(str(failed_dir))
+    networks, device = run(str(failed_dir))
     watcher.join()
     assert kills  # a worker did die mid-run
     clean, _ = run(str(clean_dir))
-    a, b = torch.load(network, weights_only=True), torch.load(clean, weights_only=True)
-    assert a['cur_nimg'] == b['cur_nimg'] == 640 and device == 'cpu'
-    for name in a['ema']:
-        assert torch.equal(a['ema'][name], b['ema'][name]), name
+    assert sorted(networks) == sorted(clean) == [0.32, 0.64] and device == 'cpu'
+    for kimg, nimg in ((0.32, 320), (0.64, 640)):  # the snapshot too, kept across the restart
+        a, b = torch.load(networks[kimg], weights_only=True), torch.load(clean[kimg], weights_only=True)
+        assert a['cur_nimg'] == b['cur_nimg'] == nimg
+        for name in a['ema']:
+            assert torch.equal(a['ema'][name], b['ema'][name]), name
     assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
 
 
@@ -282,7 +285,7 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     rerun = [label for label in by_label if 'calibrated' not in label and 'steps=6' in label][0]
     for label in (failing, rerun):
         os.remove(os.path.join(sweep_stage.trials_dir, by_label[label] + '.json'))
-    table = runner.plan.make_plan(s, root)[1].outputs()['tables']['data/48']
+    table = runner.plan.make_plan(s, root)[1].outputs()['tables'][spec.table_key(s.train.total_kimg, 'data', 48)]
     messages = []
 
     def log(message):  # the table goes missing once the sweep starts (its stage stays finished)
@@ -301,6 +304,37 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     runner.run(s, results_root=root, log=messages.append)
     assert any('3 of 4 trial(s) finished before and reused; 1 to run' in m for m in messages)
     assert results.read_table(root, 'tiny', 'sweep').set_index('label')['fid'].to_dict() == sweep.set_index('label')['fid'].to_dict()
+
+
+@needs_fashion
+def test_training_snapshots_calibrated_and_swept_end_to_end(ray_cluster, tmp_path):
+    """train.snapshots_kimg through the orchestrator: one calibration table per snapshot (on the
+    snapshot's own network), every sweep row naming its snapshot, a likelihood row per table, and
+    training_progress.png / .md made from those rows."""
+    s = _spec(tmp_path, train=dict(snapshots_kimg=[0.064]),
+              sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=4)], calibrated=[False, True]),
+              evaluate=dict(num_images=4, reference_images=8, batch_size=8, seed_blocks=2))
+    root = str(tmp_path / 'results')
+    stages = runner.run(s, results_root=root)
+    sweep = results.read_table(root, 'tiny', 'sweep')
+    assert sorted(zip(sweep['snapshot_kimg'], sweep['calibrated'])) == [(0.064, False), (0.064, True), (0.128, False), (0.128, True)]
+    assert sweep['fid_blocks'].map(lambda v: len(json.loads(v))).eq(2).all() and (sweep['seed_blocks'] == 2).all()
+    cal = results.read_table(root, 'tiny', 'calibration')
+    assert sorted(cal['snapshot_kimg'].unique()) == [0.064, 0.128]
+    likelihood = results.read_table(root, 'tiny', 'likelihood')
+    assert sorted(likelihood['snapshot_kimg']) == [0.064, 0.128] and (likelihood['likelihood_gain_nats'] > 0).all()
+    # Each snapshot's table was estimated on that snapshot's network.
+    outputs = {st.name: st.outputs() for st in stages}
+    for kimg in (0.064, 0.128):
+        snapshot = outputs['train']['snapshots'][spec.snapshot_key(kimg)]
+        table = calibration.CalibrationTable.load(outputs['calibrate']['tables'][spec.table_key(kimg, 'data', 48)])
+        net = checkpoints.load_denoiser(snapshot['network'])
+        assert table.meta['snapshot_kimg'] == kimg and table.meta['model'] == calibration.fingerprint(net)
+    assert torch.load(outputs['train']['snapshots']['0.064kimg']['network'], weights_only=True)['cur_nimg'] == 64
+    for name in ('training_progress.png', 'training_progress.md'):
+        assert os.path.isfile(os.path.join(root, 'tiny', name))
+    md = open(os.path.join(root, 'tiny', 'training_progress.md')).read()
+    assert md.count('| 0.064 |') == 1 and md.count('| 0.128 |') == 1
 
 
 def test_two_experiments_share_a_results_root(tmp_path):

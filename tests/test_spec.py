@@ -69,7 +69,8 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     recording.sigma_min, recording.sigma_max, recording.round_sigma = net.sigma_min, net.sigma_max, net.round_sigma
     for order in (2, 3):
         samplers.dpm_solver_sampler(recording, torch.randn(1, 1, 16, 16), order=order, steps=10)
-    grid = torch.tensor(one['calibrate'].inputs['sigmas'], dtype=torch.float64)
+    (grid,) = one['calibrate'].inputs['sigmas'].values()  # no snapshots: the final network's grid only
+    grid = torch.tensor(grid, dtype=torch.float64)
     nearest = lambda s: float(((grid - s).abs() / s).min())
     # (union_sigmas keeps one of two sigmas equal to 1e-9 relative, the table lookup's tolerance)
     assert all(nearest(s) <= 1e-9 for s in asked) and set(grid.tolist()) <= asked
@@ -257,6 +258,62 @@ def test_model_and_reference_files_are_checked(tmp_path):
         spec.load(_write(tmp_path, _with(evaluate__reference_stats=files['stats'], evaluate__kid=True), 'k.yaml'))
     s = spec.load(_write(tmp_path, _with(evaluate__reference_stats=files['stats'], **{'evaluate__class': 3}), 'c.yaml'))
     assert s.evaluate.class_idx == 3
+
+
+def test_training_snapshots_are_a_model_axis(tmp_path):
+    """train.snapshots_kimg: every snapshot (and the final network) gets its own calibration grid
+    and table key, and the sweep grid is crossed with the snapshots, each row naming its kimg."""
+    s = spec.load(_write(tmp_path, _with(train__total_kimg=4, train__snapshots_kimg=[2, 1])))
+    stages = {st.name: st for st in plan.make_plan(s, str(tmp_path))}
+    assert 'snapshots at 1, 2, 4 kimg' in stages['train'].resources
+    grids = stages['calibrate'].inputs['sigmas']
+    assert list(grids) == ['1kimg', '2kimg', '4kimg'] and grids['1kimg'] == grids['4kimg']  # one preconditioner
+    trials = stages['sweep'].inputs['trials']
+    assert len(trials) == 3 * len(s.trials()) == 12
+    assert sorted({t['snapshot_kimg'] for t in trials}) == [1.0, 2.0, 4.0]
+    assert spec.sampler_kwargs(trials[0]) == dict(order=2, steps=10)  # the snapshot is not a sampler argument
+    assert len(set(plan.trial_hashes(stages['sweep'], trials))) == 12
+    assert spec.table_key(2.0, 'data', 32) == '2kimg/data/32' and spec.table_key(None, 'data', 32) == 'model/data/32'
+    # The plain spec: one snapshot, the final network.
+    plain = {st.name: st for st in plan.make_plan(spec.load(_write(tmp_path, BASE, 'p.yaml')), str(tmp_path))}
+    assert list(plain['calibrate'].inputs['sigmas']) == ['1kimg']
+    assert {t['snapshot_kimg'] for t in plain['sweep'].inputs['trials']} == {1.0}
+    for value, message in (([5], r'train.snapshots_kimg: expected numbers in \(0, total_kimg = 4\]'),
+                           ([0], 'train.snapshots_kimg'), (['x'], 'train.snapshots_kimg')):
+        with pytest.raises(spec.SpecError, match=message):
+            spec.load(_write(tmp_path, _with(train__total_kimg=4, train__snapshots_kimg=value), 'bad.yaml'))
+
+
+def test_checkpoint_list_is_a_model_axis(tmp_path):
+    """model.checkpoint may list snapshots of one run: each is calibrated and swept, keyed by the
+    kimg the file records (network.pt) or its EDM name; a file that does not say is refused."""
+    import types
+    from tasks import checkpoints
+    from tasks import train as tasks_train
+    config = tasks_train.TrainConfig(preset='ddpmpp-tiny')
+    net = tasks_train.build_network(config, (1, 16), 0)
+    paths = []
+    for nimg in (1024, 5120):
+        folder = tmp_path / str(nimg)
+        folder.mkdir()
+        tasks_train._save_network(str(folder), net, config, nimg, types.SimpleNamespace(channels=1, resolution=16), 0, None, None, [])
+        paths.append(str(folder / tasks_train.NETWORK))
+    raw = _with(model__checkpoint=paths, model__preset=DELETE)
+    s = spec.load(_write(tmp_path, raw))
+    stages = {st.name: st for st in plan.make_plan(s, str(tmp_path))}
+    assert [f['kimg'] for f in stages['checkpoint'].inputs['files']] == [1.024, 5.12]
+    assert list(stages['calibrate'].inputs['sigmas']) == ['1.024kimg', '5.12kimg']
+    assert sorted({t['snapshot_kimg'] for t in stages['sweep'].inputs['trials']}) == [1.024, 5.12]
+    files = standin_files(tmp_path)  # an EDM snapshot not named network-snapshot-KIMG.pkl
+    with pytest.raises(spec.SpecError, match=r'model.checkpoint\[1\]: .*cannot tell at which kimg'):
+        spec.load(_write(tmp_path, _with(model__checkpoint=[paths[0], files['edm-pkl']]), 'u.yaml'))
+    named = tmp_path / 'network-snapshot-000200.pkl'
+    named.write_bytes(open(files['edm-pkl'], 'rb').read())
+    assert checkpoints.snapshot_kimg(str(named)) == 200.0
+    with pytest.raises(spec.SpecError, match='model.checkpoint: two snapshots of the same kimg'):
+        spec.load(_write(tmp_path, _with(model__checkpoint=[paths[0], paths[0]]), 'd.yaml'))
+    with pytest.raises(spec.SpecError, match='model.checkpoint: expected a path or a non-empty list of paths'):
+        spec.load(_write(tmp_path, _with(model__checkpoint=[]), 'e.yaml'))
 
 
 def test_validate_opens_a_network_pt_without_running_it(tmp_path, capsys):

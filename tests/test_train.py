@@ -66,6 +66,29 @@ def test_resume_continues_exactly(tmp_path):
     assert [r['loss'] for r in a['log']] == [r['loss'] for r in b['log']]
 
 
+def test_snapshot_is_the_network_of_a_run_that_stops_there(tmp_path):
+    """train.snapshots_kimg keeps the EMA at the first step reaching each point: bit for bit the
+    network a run with total_kimg at that point ends with (the lr ramp, EMA and data order depend
+    on images seen, never on total_kimg), off tick boundaries too."""
+    ds = _toy_dataset(64)
+    kw = dict(preset='ddpmpp-tiny', batch_size=16, lr=1e-3, lr_rampup_kimg=0.1, ema_halflife_kimg=0.05,
+              kimg_per_tick=0.064, seed=5)
+    train.train(train.TrainConfig(total_kimg=0.192, snapshots_kimg=[0.1, 0.192, 0.04], **kw), ds, str(tmp_path / 'long'),
+                progress=False)
+    assert sorted(p.name for p in (tmp_path / 'long').glob('network*.pt')) == ['network-0.04kimg.pt', 'network-0.1kimg.pt',
+                                                                              train.NETWORK]
+    for kimg, nimg in ((0.04, 48), (0.1, 112)):  # the first multiples of 16 at or past 40 and 100
+        train.train(train.TrainConfig(total_kimg=kimg, **kw), ds, str(tmp_path / f'short-{kimg}'), progress=False)
+        a = torch.load(tmp_path / 'long' / train.snapshot_name(kimg), weights_only=True)
+        b = torch.load(tmp_path / f'short-{kimg}' / train.NETWORK, weights_only=True)
+        assert a['cur_nimg'] == b['cur_nimg'] == nimg
+        for name in a['ema']:
+            assert torch.equal(a['ema'][name], b['ema'][name]), (kimg, name)
+        assert checkpoints.snapshot_kimg(str(tmp_path / 'long' / train.snapshot_name(kimg))) == nimg / 1000
+    with pytest.raises(ValueError, match=r'snapshots_kimg must lie in \(0, total_kimg = 0.192\]'):
+        train.TrainConfig(total_kimg=0.192, snapshots_kimg=[0.5])
+
+
 def test_resume_refuses_other_config(tmp_path):
     ds = _toy_dataset(32)
     kw = dict(preset='ddpmpp-tiny', batch_size=16, total_kimg=0.032, kimg_per_tick=0.016)

@@ -133,8 +133,11 @@ def sweep_markdown(df):
         cells = [f'{g[g["nfe"] == n][metric].iloc[0]:.2f}' if (g['nfe'] == n).any() else '' for n in nfes]
         lines.append(f'| {solver} | {calibration} | ' + ' | '.join(cells) + ' |')
     n = int(df['num_samples'].iloc[0])
+    blocks = int(df['seed_blocks'].iloc[0]) if 'seed_blocks' in df.columns and df['seed_blocks'].notna().all() else 1
     what = 'FID (Inception-v3 2015-12-05)' if metric == 'fid' else f'Frechet distance on {df["feature_extractor"].iloc[0]} (not FID)'
-    lines.append(f'\n{what}, {n} generated images (seeds 0..{n - 1}) against {_reference_words(df)}.')
+    images = (f'{n} generated images (seeds 0..{n - 1})' if blocks == 1 else
+              f'the minimum over {blocks} seed blocks of {n} generated images (block b: seeds b*{n}..(b+1)*{n}-1; EDM\'s protocol)')
+    lines.append(f'\n{what}, {images} against {_reference_words(df)}.')
     return '\n'.join(lines)
 
 

@@ -114,10 +114,15 @@ def check_resources(spec, total, fixed_size, log=print):
             log(f'waiting for resources: {message} now; the run waits until the cluster provides them')
 
 
+def _no_errors(record):
+    return record.levelno < 40  # logging.ERROR
+
+
 @contextlib.contextmanager
 def ray_log_file(path, verbose=False):
     """Ray's driver-side log records (Tune, Train, core) at INFO and above go to `path`; the
-    terminal keeps only warnings and errors, or everything with verbose."""
+    terminal shows warnings but not errors (Tune's traceback of a lost trial: the orchestrator says
+    it in one line and raises what ends a stage), or everything with verbose."""
     import logging
     logger = logging.getLogger('ray')
     handler = logging.FileHandler(path)
@@ -127,6 +132,7 @@ def ray_log_file(path, verbose=False):
     logger.setLevel(logging.INFO)
     for h in consoles:
         h.setLevel(logging.INFO if verbose else logging.WARNING)
+        h.addFilter(_no_errors) if not verbose else None
     logger.addHandler(handler)
     try:
         yield
@@ -136,6 +142,7 @@ def ray_log_file(path, verbose=False):
         logger.setLevel(saved[0])
         for h, level in zip(consoles, saved[1]):
             h.setLevel(level)
+            h.removeFilter(_no_errors)
 
 
 def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False, stall_timeout=RunOptions.stall_timeout):
@@ -204,7 +211,8 @@ def _run_stages(spec, stages, results_root, dataset, opts):
         sweep = results.read_table(results_root, spec.experiment, 'sweep')
         metric = figures.metric_column(sweep)
         cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + ['wall_time']
-        opts.log(sweep[cols].sort_values(['label']).to_string(index=False))
+        order = [c for c in ('snapshot_kimg', 'calibrated', 'label') if c in sweep.columns]
+        opts.log(sweep.sort_values(order)[cols].to_string(index=False))
     return stages
 
 
@@ -306,7 +314,8 @@ def _sweep(stage, upstream, dataset, opts):
                                         'inception_weights')})
     trials = stage.inputs['trials']
     rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, stage.options['trial_resources'], stage.dir,
-                             max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log)
+                             max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
+                             stall_timeout=opts.stall_timeout)
     path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
     return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
 

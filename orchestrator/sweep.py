@@ -69,12 +69,14 @@ class _ProgressBar(tune.Callback):
     def __init__(self, total, reused):
         self.bar = tqdm(total=total, initial=reused, unit='trial', desc='sweep')
         self.running, self.failed = set(), 0
+        self.changed = time.monotonic()  # when a trial last started or ended (_Stalled reads it)
         self._show()
 
     def __getstate__(self):  # Tune saves its callbacks with the experiment state; a terminal is not state
         return dict(self.__dict__, bar=None)
 
     def _show(self):
+        self.changed = time.monotonic()
         if self.bar is not None:
             self.bar.set_postfix_str(f'{len(self.running)} running, {self.failed} failed')
 
@@ -86,10 +88,20 @@ class _ProgressBar(tune.Callback):
         self.running.discard(trial.trial_id)
         self._step()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):  # failed, to be retried: waiting again
+        self.running.discard(trial.trial_id)
+        self._say(trial, f'failed or lost its worker; retrying (failure {trial.num_failures})')
+        self._show()
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         self.failed += 1
+        self._say(trial, f'failed {trial.num_failures} time(s); no retries left (its error: {trial.error_file})')
         self._step()
+
+    def _say(self, trial, what):  # one line instead of Tune's traceback (which goes to the stage's ray.log)
+        if self.bar is not None:
+            self.bar.write(f'sweep: trial {describe_trial(trial.config["item"]["trial"])} {what}')
 
     def _step(self):
         if self.bar is not None:
@@ -101,14 +113,31 @@ class _ProgressBar(tune.Callback):
             self.bar.close()
 
 
-def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=False, log=print):
+class _Stalled(tune.Stopper):
+    """Ends the sweep when no trial has run for `timeout` seconds although some wait: their
+    resources went with a lost node. The waiting trials get no row; the stage fails naming them."""
+
+    def __init__(self, progress, timeout):
+        self.progress, self.timeout, self.stalled = progress, timeout, False
+
+    def __call__(self, trial_id, result):
+        return False
+
+    def stop_all(self):
+        idle = time.monotonic() - self.progress.changed
+        self.stalled = self.stalled or bool(self.timeout) and not self.progress.running and idle > self.timeout
+        return self.stalled
+
+
+def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=False, log=print, stall_timeout=None):
     """Rows of the sweep table, one per entry of `trials` (with content hashes `hashes`), and
     the labels of the trials that failed. Trials finished before (a row under
     context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
     max_failures times. A failed trial's row holds its error and no metrics.
     context: snapshots (the model stage's outputs: {snapshot_key: network path, format, kimg}), tables ({table_key:
     path}), interpolate, reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
-    seed_blocks, batch_size, kid, precision_recall, inception_weights."""
+    seed_blocks, batch_size, kid, precision_recall, inception_weights. stall_timeout: seconds with
+    trials waiting and none running after which the sweep ends (its missing trials named)."""
     os.makedirs(context['trials_dir'], exist_ok=True)
     row_path = lambda h: os.path.join(context['trials_dir'], f'{h}.json')
     todo = [dict(hash=h, trial=t) for h, t in zip(hashes, trials) if not os.path.isfile(row_path(h))]
@@ -120,6 +149,8 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
         # Ctrl-C stops the run (cli.main) as in every other stage, not only Tune's loop, which would
         # otherwise end the trials and return as if the sweep had finished.
         os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
+        progress = _ProgressBar(len(trials), len(trials) - len(todo))
+        stalled = _Stalled(progress, stall_timeout)
         tuner = tune.Tuner(
             tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
             param_space=dict(item=tune.grid_search(todo), context=context),
@@ -127,11 +158,19 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
             run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=1 if verbose else 0,
                                       storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')), log_to_file=True,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      callbacks=[_ProgressBar(len(trials), len(trials) - len(todo))]))
+                                      callbacks=[progress], stop=stalled))
         for result in tuner.fit():
             if result.error is not None:
                 text = str(result.error).strip().splitlines()
                 errors[result.config['item']['hash']] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
+        if stalled.stalled:
+            ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
+            free, total = ray.available_resources(), ray.cluster_resources()
+            log(f'sweep: no progress for {stall_timeout:g} s: trials wait for a worker ({ask} each); the cluster has '
+                f'{free.get("CPU", 0):g} CPU, {free.get("GPU", 0):g} GPU free of {total.get("CPU", 0):g} CPU, '
+                f'{total.get("GPU", 0):g} GPU; the sweep stopped')
+            for item in todo:
+                errors.setdefault(item['hash'], f'not run: no resources for {stall_timeout:g} s')
     rows = []
     for h, trial in zip(hashes, trials):
         if os.path.isfile(row_path(h)):

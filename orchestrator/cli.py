@@ -136,7 +136,8 @@ def build_parser():
         q.set_defaults(fn=fn)
     t = sub.add_parser('results', help='list experiments, or print a results table')
     t.add_argument('experiment', nargs='?')
-    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'likelihood', 'sweep', 'timings'))  # = results.TABLES (pandas-free here)
+    # results.TABLES, spelled out: importing results (pandas) would slow every command down
+    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'likelihood', 'sweep', 'timings'))
     t.add_argument('--where', action='append', metavar='COLUMN=VALUE', help='keep rows whose column equals the value')
     t.add_argument('--columns', default=None, help='comma-separated columns to show')
     t.add_argument('--results', default='results')

@@ -77,9 +77,10 @@ def init_ray(address=None, num_cpus=None, verbose=False):
 def _loopback_environment():
     """The embedded cluster's environment, inherited by every Ray process it starts: the node
     address is 127.0.0.1 (so Ray's servers, and torch's process-group store, listen on loopback
-    only), gloo and NCCL use the loopback interface, and token auth is off (nothing else can connect). Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once,
-    at import; without it ray.init turns 127.0.0.1 into the machine's outward address. When ray
-    was imported before (a test session, a notebook), its constant is re-read from the variable."""
+    only), gloo and NCCL use the loopback interface, and token auth is off (nothing else can
+    connect). Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; without it ray.init
+    turns 127.0.0.1 into the machine's outward address. When ray was imported before (a test
+    session, a notebook), its constant is re-read from the variable."""
     os.environ.setdefault('RAY_AUTH_MODE', 'disabled')
     os.environ.setdefault('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER', '0')
     loopback = [name for _, name in socket.if_nameindex() if name.startswith('lo')]  # lo (Linux), lo0 (macOS)
@@ -132,7 +133,8 @@ def ray_log_file(path, verbose=False):
     logger.setLevel(logging.INFO)
     for h in consoles:
         h.setLevel(logging.INFO if verbose else logging.WARNING)
-        h.addFilter(_no_errors) if not verbose else None
+        if not verbose:
+            h.addFilter(_no_errors)
     logger.addHandler(handler)
     try:
         yield
@@ -145,7 +147,8 @@ def ray_log_file(path, verbose=False):
             h.removeFilter(_no_errors)
 
 
-def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False, stall_timeout=RunOptions.stall_timeout):
+def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False,
+        stall_timeout=RunOptions.stall_timeout):
     """Run (or, with dry_run, only print) the plan. The terminal gets one line per stage,
     progress bars and the results table; Ray's own log lines go to ray.log in each stage's
     folder (and to the terminal too with verbose). Returns the stages."""

@@ -321,6 +321,7 @@ def test_validate_opens_a_network_pt_without_running_it(tmp_path, capsys):
     `run` with a traceback); the file is opened with weights_only, its tensors left on disk."""
     import types
     import torch
+    from test_checkpoints import _Reduce  # tests/: a pickle that runs os.system when loaded
     from tasks import train as tasks_train
     config = tasks_train.TrainConfig(preset='ddpmpp-tiny')
     net = tasks_train.build_network(config, (1, 16), 0)
@@ -344,14 +345,6 @@ def test_validate_opens_a_network_pt_without_running_it(tmp_path, capsys):
         assert re.search(rf'model.checkpoint: .*{name}\.pt: {expected[name]}', err), err
         assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
     assert not marker.exists()
-
-
-class _Reduce:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
 
 
 def test_every_format_round_trips_through_model_checkpoint(tmp_path):
@@ -472,3 +465,9 @@ def test_one_run_per_experiment_at_a_time(tmp_path):
     with results.experiment_lock(str(tmp_path), 'exp'):
         with open(path) as f:
             assert json.load(f)['pid'] == os.getpid()
+
+
+def test_cli_results_tables_are_the_stored_tables():
+    from orchestrator import results
+    sub = next(a for a in cli.build_parser()._actions if a.dest == 'command').choices['results']
+    assert next(a for a in sub._actions if a.dest == 'table').choices == results.TABLES

@@ -57,7 +57,7 @@ def cmd_run(args):
 def cmd_submit(args):
     from orchestrator.submit import submit
     spec_mod.load(args.spec)  # refuse a bad spec before shipping anything
-    code = submit(args.spec, args.address, args.results, args.python, wait=args.wait)
+    code = submit(args.spec, args.address, args.results, args.python, wait=args.wait, stall_timeout=args.stall_timeout)
     return code if args.wait else 0
 
 
@@ -127,6 +127,7 @@ def build_parser():
     s.add_argument('--python', default='python',
                    help="the interpreter on the cluster that has this project's dependencies (default: python)")
     s.add_argument('--wait', action='store_true', help="follow the job's logs and exit with its status (0: succeeded)")
+    s.add_argument('--stall-timeout', type=float, default=None, metavar='SECONDS', help='passed to the job\'s run (see run)')
     s.set_defaults(fn=cmd_submit)
     for name, fn, text in (('logs', cmd_logs, "a submitted job's logs"), ('status', cmd_status, "a submitted job's status"),
                            ('stop', cmd_stop, 'stop a submitted job')):

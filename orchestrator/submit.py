@@ -44,7 +44,7 @@ def make_package(spec_path, dest, root=ROOT):
     return files, sum(os.path.getsize(os.path.join(dest, f)) for f in files)
 
 
-def submit(spec_path, address, results='results', python='python', wait=False, log=print):
+def submit(spec_path, address, results='results', python='python', wait=False, log=print, stall_timeout=None):
     """Submit the job; with wait, print its logs as they come and return 0 if it succeeded,
     else 1. Returns the job id without wait."""
     from ray.job_submission import JobSubmissionClient
@@ -54,7 +54,8 @@ def submit(spec_path, address, results='results', python='python', wait=False, l
         if size >= package_limit():
             raise SpecError(f'{spec_path}: the job package is {size / 2 ** 20:.1f} MiB, over Ray\'s limit of '
                             f'{package_limit() / 2 ** 20:.0f} MiB; large tracked files belong elsewhere')
-        job = client.submit_job(entrypoint=f'{python} -m orchestrator run {JOB_SPEC} --results {results}',
+        stall = '' if stall_timeout is None else f' --stall-timeout {stall_timeout:g}'
+        job = client.submit_job(entrypoint=f'{python} -m orchestrator run {JOB_SPEC} --results {results}{stall}',
                                 runtime_env=dict(working_dir=package))
     log(f'submitted job {job}: {len(files)} files, {size / 2 ** 20:.1f} MiB (the tracked sources and the spec); '
         f'follow it with: orchestrator logs {job} --address {address}')

@@ -219,7 +219,7 @@ def test_lost_node_during_training_resumes_to_the_same_network(multinode_cluster
     cluster = multinode_cluster
     raw = dict(experiment='lost-train', seed=0, data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=256),
                model=dict(preset='ddpmpp-tiny'),
-               train=dict(total_kimg=0.64, batch_size=16, kimg_per_tick=0.064, checkpoint_ticks=1, lr_rampup_kimg=0.05,
+               train=dict(total_kimg=0.384, batch_size=16, kimg_per_tick=0.064, checkpoint_ticks=1, lr_rampup_kimg=0.05,
                           ema_halflife_kimg=0.05, workers=2, max_failures=2))
     network = lambda name: next((tmp_path / name / 'lost-train' / 'stages').glob('train-*/network.pt'))
     try:
@@ -240,7 +240,7 @@ def test_lost_node_during_training_resumes_to_the_same_network(multinode_cluster
         assert rc == 0, out[-3000:]
         a = torch.load(network('undisturbed'), weights_only=True)
         b = torch.load(network('disturbed'), weights_only=True)
-        assert a['cur_nimg'] == b['cur_nimg'] == 640
+        assert a['cur_nimg'] == b['cur_nimg'] == 384
         for name in a['ema']:
             assert torch.equal(a['ema'][name], b['ema'][name]), name
     finally:

@@ -384,7 +384,7 @@ def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, tmp_path, capsys):
     # The job runs on the cluster's own interpreter; here that is this virtual environment's,
     # which a plain `python` on PATH need not be (CI's PATH has no .venv/bin).
     code = cli.main(['submit', str(outside), '--address', ray_cluster, '--results', str(tmp_path / 'job-results'),
-                     '--python', sys.executable, '--wait'])
+                     '--python', sys.executable, '--wait', '--stall-timeout', '300'])  # (the job's run must take it)
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert re.search(r'submitted job \S+: \d+ files, [\d.]+ MiB', out) and '== train' in out and 'SUCCEEDED' in out
@@ -423,7 +423,12 @@ def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
         raw['evaluate'].update(num_images=64)
     path = tmp_path / 'ctrlc.yaml'
     path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, '-m', 'orchestrator', 'run', str(path), '--results', str(root)],
+    # As a terminal's foreground job: SIGINT at its default (a shell's background job, as this suite
+    # may be, starts its children with SIGINT ignored, and Python keeps it so).
+    run = ('import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); '
+           f'sys.argv = ["orchestrator", "run", {str(path)!r}, "--results", {str(root)!r}]; '
+           'runpy.run_module("orchestrator", run_name="__main__")')
+    proc = subprocess.Popen([sys.executable, '-c', run],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # its own process group
     out = []

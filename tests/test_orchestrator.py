@@ -72,8 +72,8 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
     (per-rank data order and noise are restored)."""
     from orchestrator.train import PROGRESS, run_train_stage
-    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.64, kimg_per_tick=0.064, checkpoint_ticks=1,
-                                   snapshots_kimg=[0.32]))
+    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.384, kimg_per_tick=0.064, checkpoint_ticks=1,
+                                   snapshots_kimg=[0.192]))
     failed_dir, clean_dir = tmp_path / 'failed', tmp_path / 'clean'
 
     def past_first_checkpoint():
@@ -91,8 +91,8 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     watcher.join()
     assert kills  # a worker did die mid-run
     clean, _ = run(str(clean_dir))
-    assert sorted(networks) == sorted(clean) == [0.32, 0.64] and device == 'cpu'
-    for kimg, nimg in ((0.32, 320), (0.64, 640)):  # the snapshot too, kept across the restart
+    assert sorted(networks) == sorted(clean) == [0.192, 0.384] and device == 'cpu'
+    for kimg, nimg in ((0.192, 192), (0.384, 384)):  # the snapshot too, kept across the restart
         a, b = torch.load(networks[kimg], weights_only=True), torch.load(clean[kimg], weights_only=True)
         assert a['cur_nimg'] == b['cur_nimg'] == nimg
         for name in a['ema']:

@@ -16,8 +16,7 @@ import torch
 from ray.exceptions import RayActorError, RayError
 from tqdm import tqdm
 
-from orchestrator.runner import StageFailed
-from orchestrator.spec import stable_hash
+from orchestrator.spec import StageFailed, stable_hash
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
 

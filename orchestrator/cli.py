@@ -13,7 +13,7 @@ import sys
 
 from orchestrator import spec as spec_mod
 
-USER_ERRORS = (spec_mod.SpecError, FileNotFoundError)
+USER_ERRORS = (spec_mod.SpecError, spec_mod.StageFailed, FileNotFoundError)
 
 
 def _user_errors():
@@ -22,8 +22,7 @@ def _user_errors():
     from tasks.data import DataError
     from tasks.metrics import MetricsError
     from orchestrator.results import ExperimentBusy
-    from orchestrator.runner import StageFailed
-    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, StageFailed, ExperimentBusy)
+    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, ExperimentBusy)
 
 
 def cmd_validate(args):

@@ -16,17 +16,12 @@ import time
 import torch
 
 from orchestrator import figures, plan, results
-from orchestrator.spec import SpecError, snapshot_key, stable_hash, table_key
+from orchestrator.spec import SpecError, StageFailed, snapshot_key, stable_hash, table_key
 from tasks import calibration, checkpoints, data, metrics
 from tasks import train as tasks_train
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
 RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'runs', '.venv', '.git', '.device']
-
-
-class StageFailed(RuntimeError):
-    """A stage that finished with some of its work failed, or could not make progress (named in
-    the message)."""
 
 
 @dataclasses.dataclass

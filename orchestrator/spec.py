@@ -34,6 +34,11 @@ class SpecError(ValueError):
     """A spec that cannot run; the message names the file and the field."""
 
 
+class StageFailed(RuntimeError):
+    """A stage that finished with some of its work failed, or could not make progress (named in
+    the message)."""
+
+
 @dataclass
 class DataSpec:
     name: str = 'fashion-mnist'

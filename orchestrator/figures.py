@@ -1,6 +1,6 @@
 """Figures and Markdown tables from the Parquet results (never from anything else).
 
-fid_vs_nfe.png: the sweep's metric against NFE, one colour per solver setting, solid without
+fid_vs_nfe.png (when the sweep has several NFEs): the sweep's metric against NFE, one colour per solver setting, solid without
 calibration, dashed calibrated on data, dotted on generated samples (Calib Table 1 / EDM Fig. 2
 style; with several image counts, the largest); fid_vs_calibration_images.png: the metric
 against the number of images in the estimate (Calib Table 4), when the sweep has several;
@@ -285,8 +285,9 @@ def render(root, experiment):
     if sweep is not None and len(sweep):
         last = _last_snapshot(sweep)
         kimg = last['snapshot_kimg'].iloc[0] if 'snapshot_kimg' in last.columns and len(last) < len(sweep) else None
-        written.append(fid_vs_nfe(last, os.path.join(out_dir, 'fid_vs_nfe.png'),
-                                  title=experiment + ('' if kimg is None else f' ({kimg:g} kimg)')))
+        if last['nfe'].nunique() > 1:  # a line needs two NFEs (one NFE: sweep.md and training_progress say it all)
+            written.append(fid_vs_nfe(last, os.path.join(out_dir, 'fid_vs_nfe.png'),
+                                      title=experiment + ('' if kimg is None else f' ({kimg:g} kimg)')))
         if 'calibration_images' in sweep.columns and sweep['calibration_images'].nunique() > 1:
             written.append(fid_vs_calibration_images(last, os.path.join(out_dir, 'fid_vs_calibration_images.png'),
                                                      title=experiment))

@@ -39,7 +39,7 @@ def test_table4_sweep_renders_every_row_and_both_figures(tmp_path):
 def test_results_without_calibration_columns_still_render(tmp_path):
     """Tables written before the calibration table was a sweep axis have neither column."""
     rows = [{k: v for k, v in _row(s, c, fid=f).items() if not k.startswith('calibration_')}
-            for s, c, f in ((10, False, 30.0), (10, True, 29.0))]
+            for s, c, f in ((10, False, 30.0), (10, True, 29.0), (20, False, 28.0))]
     results.write_table(str(tmp_path), 'old', 'sweep', rows, PROV)
     df = pd.read_parquet(os.path.join(tmp_path, 'old', 'sweep.parquet'))
     md = figures.sweep_markdown(df)
@@ -71,7 +71,7 @@ def test_training_progress_from_parquet_rows(tmp_path):
     results.write_table(root, 'prog', 'calibration', cal, PROV)
     results.write_table(root, 'prog', 'likelihood', like, PROV)
     written = {os.path.basename(p) for p in figures.render(root, 'prog')}
-    assert {'training_progress.png', 'training_progress.md', 'fid_vs_nfe.png', 'sweep.md', 'calibration.png'} <= written
+    assert {'training_progress.png', 'training_progress.md', 'sweep.md', 'calibration.png'} == written  # one NFE: no NFE plot
     comparison = figures.seed_block_comparison(pd.read_parquet(os.path.join(root, 'prog', 'sweep.parquet')))
     first = comparison[comparison['snapshot_kimg'] == 1.0].iloc[0]
     assert (first['uncalibrated'], first['uncalibrated_std']) == (353.0, 3.0)  # std of 350, 356, 353 (ddof 1)

@@ -16,7 +16,7 @@ import torch
 from ray.exceptions import RayActorError, RayError
 from tqdm import tqdm
 
-from orchestrator.spec import StageFailed, stable_hash
+from orchestrator.spec import StageFailed, cpus_gpus, stable_hash
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
 
@@ -53,10 +53,6 @@ class CalibrationActor:
 
     def progress(self):
         return self.done
-
-
-def _cpus_gpus(resources):
-    return f'{resources.get("CPU", 0):g} CPU, {resources.get("GPU", 0):g} GPU'
 
 
 def segment_chunks(counts, chunk_size):
@@ -125,8 +121,8 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
                 bar.close()
                 raise StageFailed(
                     f'calibrate ({label}): no progress for {stall_timeout:g} s; {len(pending)} chunk group(s) wait for an '
-                    f'actor ({_cpus_gpus(dict(CPU=c.cpus_per_actor, GPU=c.gpus_per_actor))} each); the cluster has '
-                    f'{_cpus_gpus(ray.available_resources())} free of {_cpus_gpus(ray.cluster_resources())}. '
+                    f'actor ({cpus_gpus(dict(CPU=c.cpus_per_actor, GPU=c.gpus_per_actor))} each); the cluster has '
+                    f'{cpus_gpus(ray.available_resources())} free of {cpus_gpus(ray.cluster_resources())}. '
                     'The finished groups are kept: run again once it has the resources.')
             continue
         progressed = time.monotonic()

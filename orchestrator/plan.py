@@ -101,9 +101,12 @@ def make_plan(spec, results_root):
     calibrate = None
     if spec.calibrate is not None:
         c = spec.calibrate
-        levels = [noise_levels(spec, f) for f in files] or [noise_levels(spec)] * len(snapshots)
-        sigmas = {snapshot_key(k): [float(s) for s in calibration_sigmas(net, [t for t in trials if t['snapshot_kimg'] == k])]
-                  for k, net in zip(snapshots, levels)}
+        # Each snapshot's grid from its own noise levels; a training run's snapshots share their preconditioner's.
+        grid = lambda net: [float(s) for s in calibration_sigmas(net, spec.trials())]
+        if files:
+            sigmas = {snapshot_key(k): grid(noise_levels(spec, f)) for f, k in zip(files, snapshots)}
+        else:
+            sigmas = dict.fromkeys(map(snapshot_key, snapshots), grid(noise_levels(spec)))
         calibrate = add('calibrate', dict(data=data, calibrate=_hashed('calibrate', asdict(c)), sigmas=sigmas),
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
                         f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}'

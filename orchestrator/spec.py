@@ -203,6 +203,11 @@ def sampler_kwargs(trial):
     return {k: v for k, v in trial.items() if k not in TRIAL_KEYS}
 
 
+def cpus_gpus(resources):
+    """'2 CPU, 0 GPU' of a Ray resource mapping (ray.cluster_resources(), an actor's request)."""
+    return f'{resources.get("CPU", 0):g} CPU, {resources.get("GPU", 0):g} GPU'
+
+
 def snapshot_key(kimg):
     """How stages name a model snapshot: its kimg of training, or 'model' for a lone checkpoint
     whose kimg is not known."""
@@ -350,8 +355,7 @@ def _validate(spec, path):
         where = f'model.checkpoint[{i}]' if listed else 'model.checkpoint'
         try:
             detected = checkpoints.detect_format(file)
-            if (m.format or detected) == 'network.pt':
-                checkpoints.read_network_pt(file, mmap=True)  # what it holds, its tensors left on disk
+            # A network.pt is opened here (weights_only, its tensors left on disk): a foreign one fails now.
             kimgs.append(checkpoints.snapshot_kimg(file, m.format or detected))
         except checkpoints.CheckpointError as e:
             _fail(path, where, str(e))

@@ -14,7 +14,7 @@ from ray import tune
 from tqdm import tqdm
 
 from orchestrator.results import write_json
-from orchestrator.spec import sampler_kwargs, snapshot_key, table_key
+from orchestrator.spec import cpus_gpus, sampler_kwargs, snapshot_key, table_key
 from tasks import calibration, checkpoints, metrics
 
 
@@ -165,10 +165,8 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
                 errors[result.config['item']['hash']] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
         if stalled.stalled:
             ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
-            free, total = ray.available_resources(), ray.cluster_resources()
             log(f'sweep: no progress for {stall_timeout:g} s: trials wait for a worker ({ask} each); the cluster has '
-                f'{free.get("CPU", 0):g} CPU, {free.get("GPU", 0):g} GPU free of {total.get("CPU", 0):g} CPU, '
-                f'{total.get("GPU", 0):g} GPU; the sweep stopped')
+                f'{cpus_gpus(ray.available_resources())} free of {cpus_gpus(ray.cluster_resources())}; the sweep stopped')
             for item in todo:
                 errors.setdefault(item['hash'], f'not run: no resources for {stall_timeout:g} s')
     rows = []

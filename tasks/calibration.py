@@ -333,10 +333,12 @@ def dsm_gap(table):
     """Calib Eq. 27: the reduction of the per-sigma DSM objective by calibration,
     ||E eps||^2 = ||c||^2 / sigma^2 in noise space (and ||c||^2 in the denoiser's D space), [K],
     with the Monte Carlo standard error of each (`noise_se`, `data_se`) by the delta method:
-    se(||c||^2) = 2 sqrt(sum_i c_i^2 se(c_i)^2)."""
+    se(||c||^2) = 2 sqrt(sum_i c_i^2 se(c_i)^2), and `noise_floor`: what the estimate of
+    ||E eps||^2 averages to when E eps = 0, sum_i se(c_i)^2 / sigma^2 (its upward bias)."""
     c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
     c2, c2_se = c.square().sum(1), 2 * (c.square() * se.square()).sum(1).sqrt()
-    return dict(noise=c2 / table.sigmas ** 2, data=c2, noise_se=c2_se / table.sigmas ** 2, data_se=c2_se)
+    return dict(noise=c2 / table.sigmas ** 2, data=c2, noise_se=c2_se / table.sigmas ** 2, data_se=c2_se,
+                noise_floor=se.square().sum(1) / table.sigmas ** 2)
 
 
 def likelihood_terms(table, noise_schedule):
@@ -358,8 +360,8 @@ def likelihood_gain(table):
     sampler's grid of a few points, a rough value).
     Returns nats, se (delta method per sigma, combined as if the sigmas' errors were independent:
     they share the images, so this understates it when they are positively correlated),
-    noise_floor (what the estimate averages to when E eps = 0: Monte Carlo variance, the same
-    integral of sum_i se_i^2 / sigma^2; a gain not well above it is not resolved), grid_points."""
+    noise_floor (what the estimate averages to when E eps = 0: dsm_gap's noise_floor integrated the
+    same way; a gain not well above it is not resolved), grid_points."""
     order = torch.argsort(table.sigmas)
     ln_sigma = table.sigmas[order].log()
     gaps = ln_sigma.diff()
@@ -367,10 +369,9 @@ def likelihood_gain(table):
     weights[:-1] += gaps / 2
     weights[1:] += gaps / 2
     gap = dsm_gap(table)
-    floor = table.standard_error()[0].flatten(1).square().sum(1) / table.sigmas ** 2
     return dict(nats=float((weights * gap['noise'][order]).sum()),
                 se=float((weights.square() * gap['noise_se'][order].square()).sum().sqrt()),
-                noise_floor=float((weights * floor[order]).sum()), grid_points=len(ln_sigma))
+                noise_floor=float((weights * gap['noise_floor'][order]).sum()), grid_points=len(ln_sigma))
 
 
 def queried_sigmas(sampler, net, **sampler_kwargs):

@@ -70,12 +70,12 @@ class TrainConfig:
 
 
 CHECKPOINT = 'training-state.pt'
+NETWORK = 'network.pt'
 
 
 def snapshot_name(kimg):
     """The file of the EMA network kept at `kimg` (TrainConfig.snapshots_kimg)."""
     return f'network-{kimg:g}kimg.pt'
-NETWORK = 'network.pt'
 
 
 def atomic_torch_save(obj, path):

@@ -1,5 +1,5 @@
-"""Calibrate stage: Ray actors estimate partial calibration tables over dataset chunks; the
-driver merges them (tasks.calibration). Each actor holds the model once. Chunks go to actors
+"""Calibrate stage, and its calibration and likelihood tables: Ray actors estimate partial
+calibration tables over dataset chunks; the driver merges them (tasks.calibration). Each actor holds the model once. Chunks go to actors
 round-robin; if an actor dies, its chunks are recomputed on a fresh actor, and since noise
 depends only on (seed, chunk, grid point), the merged table is the same.
 
@@ -7,8 +7,12 @@ Several image counts (Calib Table 4) cost one pass over the largest: the chunks 
 segments at the counts, each actor returns one partial table per segment, and the table for
 count n_j merges segments 1..j. The driver merges in group and segment order, so the result
 does not depend on which actor finished first.
+
+The images reach the actors through Ray's object store, the network through the results root
+(orchestrator.storage): nothing on the driver's disk is read by an actor.
 """
-import os
+import dataclasses
+import math
 import time
 
 import ray
@@ -16,7 +20,10 @@ import torch
 from ray.exceptions import RayActorError, RayError
 from tqdm import tqdm
 
-from orchestrator.spec import StageFailed, cpus_gpus, stable_hash
+from orchestrator import results
+from orchestrator.plan import NOT_HASHED
+from orchestrator.spec import CalibrateSpec, SpecError, StageFailed, cpus_gpus, stable_hash, table_key
+from orchestrator.storage import fetch
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
 
@@ -26,7 +33,7 @@ class CalibrationActor:
     def __init__(self, model, images, labels, num_classes, generation=None):
         self.done = 0  # image x sigma evaluations finished (for the driver's progress bar)
         self.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        self.net = checkpoints.load_denoiser(model['network'], model['format']).to(self.device)
+        self.net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(self.device)
         self.images, self.labels, self.num_classes = images, labels, num_classes
         self.generation = generation  # source 'generated': image i is the sample of seed i
 
@@ -62,13 +69,13 @@ def segment_chunks(counts, chunk_size):
     return [[i for i, rows in enumerate(chunks) if lo <= rows.start < hi] for lo, hi in zip([0] + counts[:-1], counts)]
 
 
-def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep_dir=None, stall_timeout=None,
+def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=print, keep=None, stall_timeout=None,
                     label=None):
     """The tables {image count: CalibrationTable} of one source ('data' or 'generated') for
     spec_calibrate.counts(), with spec_calibrate.actors actors. model: the model stage's outputs
     (network path and format). Tables are per class when calibrate.per_class asks for it.
-    keep_dir: each finished chunk group's partial tables are kept there (the stage's folder, whose
-    hash covers everything that decides them), so a killed run recomputes only the rest.
+    keep: (storage, key): each finished chunk group's partial tables are kept there (the stage's
+    folder, whose hash covers everything that decides them), so a killed run recomputes only the rest.
     stall_timeout: seconds without progress (no image finished anywhere, e.g. a lost node's actors
     waiting for resources the cluster no longer has) after which the stage gives up, saying so.
     label: what the console calls this estimate (default: the source)."""
@@ -90,11 +97,12 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
                   num_images=n, meta=dict(meta, source=source))
     options = dict(num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor)
     make_actor = lambda: CalibrationActor.options(**options).remote(model, images_ref, labels_ref, num_classes, generation)
-    kept = lambda i, s: os.path.join(keep_dir, f'partial-{source}-{stable_hash(work[i])}-{s}.pt')
+    storage, folder = keep or (None, None)
+    kept = lambda i, s: f'{folder}/partial-{source}-{stable_hash(work[i])}-{s}.pt'
     partial = {}
-    for i in range(len(groups)) if keep_dir else ():
-        if all(os.path.isfile(kept(i, s)) for s in work[i]):
-            partial[i] = {s: calibration.CalibrationTable.load(kept(i, s)) for s in work[i]}
+    for i in range(len(groups)) if keep else ():
+        if all(storage.exists(kept(i, s)) for s in work[i]):
+            partial[i] = {s: calibration.CalibrationTable.load(fetch(storage.uri(kept(i, s)))) for s in work[i]}
     if partial:
         log(f'calibrate ({label}): {len(partial)} of {len(groups)} chunk groups finished before and reused')
     todo = [i for i in range(len(groups)) if i not in partial]
@@ -131,8 +139,8 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
         try:
             partial[i] = {s: calibration.CalibrationTable.from_state(state) for s, state in ray.get(ready[0]).items()}
             ray.kill(actors.pop(i))  # its CPUs (or GPU share) go back to the cluster now
-            for s, table in partial[i].items() if keep_dir else ():
-                table.save(kept(i, s))
+            for s, table in partial[i].items() if keep else ():
+                storage.write_file(kept(i, s), table.save)
             bar.n = max(bar.n, sum(sizes[j] for j in partial))  # the running actors' work still counts
             bar.refresh()
         except RayActorError as e:
@@ -150,3 +158,58 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
         merged.meta['image_count'] = count
         tables[count] = merged  # merge() returns a new table, so later merges leave this one as is
     return tables
+
+
+def run_calibrate_stage(stage, upstream, dataset, opts):
+    """One calibration per model snapshot, each on its own sigma grid (the plan's, as hashed).
+    Outputs: {table_key: the table's URI (or path) under the stage's storage}."""
+    where, storage = stage.options['spec_path'], stage.storage
+    c = CalibrateSpec(**stage.inputs['calibrate'], **{k: v for k, v in stage.options.items() if k in NOT_HASHED['calibrate']})
+    snapshots = (upstream.get('train') or upstream['checkpoint'])['snapshots']
+    tables = {}
+    for key, model in snapshots.items():
+        net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format'])
+        if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
+            raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+                            f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
+                            '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
+        if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
+            raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
+        if net.label_dim and net.label_dim != dataset.num_classes:
+            raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
+                            f'{dataset.num_classes}')
+        sigmas = torch.tensor(stage.inputs['sigmas'][key], dtype=torch.float64)
+        name = f'{key}: ' if len(snapshots) > 1 else ''
+        opts.log(f'calibrate: {name}{len(sigmas)} sigmas (every sigma the calibrated trials will query)')
+        meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]),
+                    snapshot_kimg=model['kimg'])
+        folder = f'{stage.key}/{key}'  # partial tables, tables and figures of this snapshot
+        for source in c.sources():
+            by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=opts.log, keep=(storage, folder),
+                                       stall_timeout=opts.stall_timeout, label=f'{name}{source}')
+            for n, table in by_count.items():
+                tables[table_key(model['kimg'], source, n)] = storage.write_file(f'{folder}/table-{source}-{n}.pt', table.save)
+            figure = by_count[max(by_count)]
+            storage.write_file(f'{folder}/mean_eps-{source}.png', lambda path: calibration.save_mean_eps_figure(figure, path))
+    return dict(tables=tables)
+
+
+def write_calibration_tables(spec, stage, outputs, prov):
+    """calibration: one row per table and sigma (Calib Fig. 1 top row and Eq. 27); likelihood:
+    one row per table, the gain of the likelihood bound (Calib Eq. 11)."""
+    rows, gains = [], []
+    for uri in outputs['tables'].values():
+        table = calibration.CalibrationTable.load(fetch(uri))
+        m = table.meta
+        which = dict(snapshot_kimg=m.get('snapshot_kimg'), source=m['source'], table_images=m['image_count'])
+        gap = calibration.dsm_gap(table)
+        rows += [dict(which, sigma=float(s), images=int(n), c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b),
+                      config=dataclasses.asdict(spec.calibrate))
+                 for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], gap['noise_se'])]
+        gain = calibration.likelihood_gain(table)
+        dims = math.prod(table.shape)
+        gains.append(dict(which, likelihood_gain_nats=gain['nats'], likelihood_gain_se=gain['se'],
+                          likelihood_gain_noise_floor=gain['noise_floor'], likelihood_gain_bpd=gain['nats'] / (dims * math.log(2)),
+                          grid_points=gain['grid_points'], sigma_min=float(table.sigmas.min()), sigma_max=float(table.sigmas.max())))
+    results.write_table(stage.storage, spec.experiment, 'calibration', rows, dict(prov, device=None))
+    results.write_table(stage.storage, spec.experiment, 'likelihood', gains, dict(prov, device=None))

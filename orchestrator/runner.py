@@ -6,19 +6,16 @@ this machine can reach it). An existing cluster (--address) is used as its owner
 """
 import contextlib
 import dataclasses
-import json
-import math
+import importlib
 import os
 import socket
 import sys
 import time
-
-import torch
+import uuid
 
 from orchestrator import figures, plan, results
-from orchestrator.spec import SpecError, StageFailed, snapshot_key, stable_hash, table_key
-from tasks import calibration, checkpoints, data, metrics
-from tasks import train as tasks_train
+from orchestrator.spec import SpecError, StageFailed, stable_hash
+from orchestrator.storage import Storage, StorageError
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
 RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'runs', '.venv', '.git', '.device']
@@ -142,71 +139,109 @@ def ray_log_file(path, verbose=False):
             h.removeFilter(_no_errors)
 
 
+def check_shared_storage(storage, timeout=120):
+    """On a cluster other than the embedded one, a file the driver writes under the results root
+    must be visible from every alive node (what Ray Train checks for its own storage, done here
+    before any stage): a StorageError line naming the root and the nodes that cannot see it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    key, token = f'.probe/{uuid.uuid4().hex}', uuid.uuid4().hex.encode()
+    storage.write_bytes(key, token)
+    try:
+        nodes = [n for n in ray.nodes() if n['Alive']]
+        probes = [ray.remote(_sees).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n['NodeID'], soft=False))
+                  .remote(storage, key, token) for n in nodes]
+        seen = ray.get(probes, timeout=timeout)
+    finally:
+        storage.delete(key)
+    blind = [f'{n["NodeManagerAddress"]} ({n["NodeID"][:8]}: {why})' for n, why in zip(nodes, seen) if why]
+    if blind:
+        hint = ('use object storage (--results s3://bucket/prefix, gs://..., abfs://...) or a folder that every node '
+                'mounts at the same path (NFS)') if storage.is_local else 'check that every node has the store\'s credentials'
+        raise StorageError(f'{storage.root}: the results root is not shared: {len(blind)} of {len(nodes)} node(s) cannot see '
+                           f'a file the driver wrote there: {"; ".join(blind)}; {hint}')
+
+
+def _sees(storage, key, token):
+    """On one node (a Ray task): '' when the driver's probe file reads back, else why not."""
+    try:
+        return '' if storage.read_bytes(key) == token else 'other content'
+    except Exception as e:  # noqa: BLE001 (any failure is the answer)
+        return f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'[:200]
+
+
 def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False,
         stall_timeout=RunOptions.stall_timeout):
-    """Run (or, with dry_run, only print) the plan. The terminal gets one line per stage,
-    progress bars and the results table; Ray's own log lines go to ray.log in each stage's
-    folder (and to the terminal too with verbose). Returns the stages."""
-    stages = plan.make_plan(spec, results_root)
-    exp_dir = os.path.join(results_root, spec.experiment)
-    log(f'experiment {spec.experiment} (spec {spec.hash()}) -> {exp_dir}')
+    """Run (or, with dry_run, only print) the plan. results_root: a path or a storage URI
+    (orchestrator.storage). The terminal gets one line per stage, progress bars and the results
+    table; Ray's own log lines go to ray.log in each stage's folder (and to the terminal too with
+    verbose). Returns the stages."""
+    storage = Storage(results_root)
+    storage.check()  # an unknown scheme, a missing bucket, an endpoint that does not answer: one line, now
+    stages = plan.make_plan(spec, storage)
+    log(f'experiment {spec.experiment} (spec {spec.hash()}) -> {storage.uri(spec.experiment)}')
     log(plan.describe(stages))
     if dry_run:
         return stages
+    embedded = not address and not os.environ.get('RAY_ADDRESS')
     init_ray(address, verbose=verbose)
     import ray
+    if not embedded:
+        check_shared_storage(storage)
     # The data are read only by the stages that need them: training, calibration, and reference
     # statistics not given as a published file (a pretrained model with published statistics needs none).
     needs_data = not spec.model.checkpoint or spec.calibrate is not None or (spec.sweep and not spec.evaluate.reference_stats)
-    dataset = data.load_dataset(**dataclasses.asdict(spec.data)) if needs_data else None
+    data, data_root = plan.data_inputs(spec.data)
+    dataset = plan.load_data(data, data_root) if needs_data else None
     c, e = spec.calibrate, spec.evaluate
     if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
         raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
                         f'{spec.data.split} holds {len(dataset)} (after data.limit)')
     reference = [s for s in stages if s.name == 'reference' and 'data' in s.inputs and not s.done]
     if reference:
-        held = len(data.load_dataset(**dict(reference[0].inputs['data'], limit=None)))
+        held = len(plan.load_data(reference[0].inputs['data'], data_root, limit=None))
         if e.reference_images > held:
             raise SpecError(f'{spec.path}: evaluate.reference_images: {e.reference_images} images asked for, but '
                             f'{spec.data.name} {e.reference_split} holds {held}')
-    check_resources(spec, ray.cluster_resources(), fixed_size=not address and not os.environ.get('RAY_ADDRESS'), log=log)
-    with results.experiment_lock(results_root, spec.experiment):  # nothing is written before the checks above
-        return _run_stages(spec, stages, results_root, dataset, RunOptions(log, verbose, stall_timeout))
+    check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
+    with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
+        return _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout))
 
 
-def _run_stages(spec, stages, results_root, dataset, opts):
+def _run_stages(spec, stages, storage, dataset, opts):
     """The stages in order (reusing finished ones), their tables, figures and the results table."""
-    exp_dir = os.path.join(results_root, spec.experiment)
-    results.write_json(os.path.join(exp_dir, 'spec.json'), spec.to_dict())
+    storage.write_json(f'{spec.experiment}/spec.json', spec.to_dict())
     prov = dict(experiment=spec.experiment, spec_hash=spec.hash(), code_version=results.code_version(), seed=spec.seed)
     state, timings = {}, []
-    write_timings = lambda: results.write_table(results_root, spec.experiment, 'timings', timings, dict(
+    write_timings = lambda: results.write_table(storage, spec.experiment, 'timings', timings, dict(
         prov, stage='all', stage_hash=stable_hash([s.hash for s in stages]), device=None))
     for stage in stages:
         start, reused = time.time(), stage.done
         opts.log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
-        os.makedirs(stage.dir, exist_ok=True)
-        with ray_log_file(os.path.join(stage.dir, 'ray.log'), opts.verbose):
+        module, body, writer = STAGES[stage.name]
+        module = importlib.import_module(f'orchestrator.{module}')  # when first used: they import Ray
+        with storage.local_folder(stage.key) as folder, ray_log_file(os.path.join(folder, 'ray.log'), opts.verbose):
             upstream = {name: state[name] for name in stage.depends}
-            outputs = stage.outputs() if reused else STAGES[stage.name](stage, upstream, dataset, opts)
+            outputs = stage.outputs() if reused else getattr(module, body)(stage, upstream, dataset, opts)
         failed = outputs.get('failed')
         if not reused and not failed:
             stage.mark_done(outputs)
         state[stage.name] = outputs
-        WRITERS.get(stage.name, lambda *a: None)(spec, stage, state, results_root, dict(prov, stage=stage.name, stage_hash=stage.hash))
+        if writer:
+            getattr(module, writer)(spec, stage, outputs, dict(prov, stage=stage.name, stage_hash=stage.hash))
         timings.append(dict(stage=stage.name, status='reused' if reused else 'failed' if failed else 'ran',
                             seconds=time.time() - start))
         if failed:  # the rows that finished are in the table; a re-run runs only what is missing
             write_timings()
             raise StageFailed(f'{stage.name}: {len(failed)} trial(s) failed: ' + '; '.join(failed) +
-                              f'. The other rows are in {results.table_path(results_root, spec.experiment, stage.name)}; '
+                              f'. The other rows are in {storage.uri(results.table_key(spec.experiment, stage.name))}; '
                               'run the spec again to retry only these (finished trials are reused).')
     write_timings()
     if spec.report.figures:
-        for path in figures.render(results_root, spec.experiment):
+        for path in figures.render(storage, spec.experiment):
             opts.log(f'wrote {path}')
     if 'sweep' in state:
-        sweep = results.read_table(results_root, spec.experiment, 'sweep')
+        sweep = results.read_table(storage, spec.experiment, 'sweep')
         metric = figures.metric_column(sweep)
         cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + ['wall_time']
         order = [c for c in ('snapshot_kimg', 'calibrated', 'label') if c in sweep.columns]
@@ -214,149 +249,12 @@ def _run_stages(spec, stages, results_root, dataset, opts):
     return stages
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage bodies: each runs from its stage (inputs, options) and its upstream stages' outputs
-# (`upstream`, by stage name) alone, and returns the outputs recorded in DONE.json.
-
-def _train(stage, upstream, dataset, opts):
-    from orchestrator.train import run_train_stage
-    config = tasks_train.TrainConfig(**stage.inputs['config'])
-    networks, device = run_train_stage(stage.dir, config, stage.inputs['data'], workers=stage.inputs['workers'],
-                                       cpus_per_worker=stage.options['cpus_per_worker'], use_gpu=stage.options['use_gpu'],
-                                       max_failures=stage.options['max_failures'])
-    snapshots = {snapshot_key(k): dict(network=os.path.abspath(path), format='network.pt', kimg=k)
-                 for k, path in sorted(networks.items())}
-    return dict(network=snapshots[snapshot_key(config.total_kimg)]['network'], format='network.pt', device=device,
-                snapshots=snapshots)
-
-
-def _checkpoint(stage, upstream, dataset, opts):
-    snapshots = {}
-    for path, file in zip(stage.options['paths'], stage.inputs['files']):
-        fmt = stage.inputs['format'] or checkpoints.detect_format(path)
-        net = checkpoints.load_denoiser(path, fmt)  # fails here, before any work, if it cannot load
-        kimg = file['kimg']
-        opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
-                 f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g}'
-                 f'{"" if kimg is None else f", {kimg:g} kimg"})')
-        snapshots[snapshot_key(kimg)] = dict(network=os.path.abspath(path), format=fmt, kimg=kimg, sha256=net.source['sha256'])
-    last = list(snapshots.values())[-1]
-    return dict(network=last['network'], format=last['format'], device=None, sha256=last['sha256'], snapshots=snapshots)
-
-
-def _model_outputs(upstream):
-    return upstream.get('train') or upstream['checkpoint']
-
-
-def _calibrate(stage, upstream, dataset, opts):
-    """One calibration per model snapshot, each on its own sigma grid (the plan's, as hashed)."""
-    from orchestrator.calibrate import run_calibration
-    from orchestrator.spec import CalibrateSpec
-    where = stage.options['spec_path']
-    c = CalibrateSpec(**stage.inputs['calibrate'], **{k: v for k, v in stage.options.items() if k != 'spec_path'})
-    snapshots = _model_outputs(upstream)['snapshots']
-    tables = {}
-    for key, model in snapshots.items():
-        net = checkpoints.load_denoiser(model['network'], model['format'])
-        if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
-            raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
-                            f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
-                            '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
-        if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
-            raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
-        if net.label_dim and net.label_dim != dataset.num_classes:
-            raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
-                            f'{dataset.num_classes}')
-        sigmas = torch.tensor(stage.inputs['sigmas'][key], dtype=torch.float64)
-        name = f'{key}: ' if len(snapshots) > 1 else ''
-        opts.log(f'calibrate: {name}{len(sigmas)} sigmas (every sigma the calibrated trials will query)')
-        meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]),
-                    snapshot_kimg=model['kimg'])
-        folder = os.path.join(stage.dir, key)  # partial tables, tables and figures of this snapshot
-        os.makedirs(folder, exist_ok=True)
-        for source in c.sources():
-            by_count = run_calibration(model, dataset, c, source, sigmas, meta, log=opts.log, keep_dir=folder,
-                                       stall_timeout=opts.stall_timeout, label=f'{name}{source}')
-            for n, table in by_count.items():
-                path = os.path.join(folder, f'table-{source}-{n}.pt')
-                table.save(path)
-                tables[table_key(model['kimg'], source, n)] = os.path.abspath(path)
-            calibration.save_mean_eps_figure(by_count[max(by_count)], os.path.join(folder, f'mean_eps-{source}.png'))
-    return dict(tables=tables)
-
-
-def _reference(stage, upstream, dataset, opts):
-    if 'stats_sha256' in stage.inputs:
-        stats = metrics.load_reference_statistics(stage.options['path'])
-        opts.log(f'reference: published statistics {stage.options["path"]} (sha256 {stats["sha256"][:16]}...)')
-        return dict(stats=stats['source'], count=stats['count'], sha256=stats['sha256'], weights_sha256=None)
-    ref = data.load_dataset(**stage.inputs['data'])
-    extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(stage.inputs['weights']),
-                                          batch_size=stage.options['batch_size'],
-                                          device='cuda' if torch.cuda.is_available() else 'cpu')
-    opts.log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
-    # KID and precision/recall compare features, not mean and covariance.
-    stats = metrics.reference_statistics(ref, extractor, cache_dir=stage.dir, keep_features=stage.inputs['features'],
-                                         progress=True)
-    return dict(stats=os.path.abspath(stats['cache']), count=stats['count'], weights_sha256=stats['weights_sha256'])
-
-
-def _sweep(stage, upstream, dataset, opts):
-    import ray
-    from orchestrator.sweep import run_sweep
-    e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
-    reference = metrics.load_reference_statistics(upstream['reference']['stats'], features=e['kid'] or e['precision_recall'])
-    context = dict(snapshots=_model_outputs(upstream)['snapshots'], tables=upstream.get('calibrate', {}).get('tables', {}),
-                   interpolate=stage.inputs['interpolate'], reference=ray.put(reference), trials_dir=stage.trials_dir,
-                   **{k: e[k] for k in ('class_idx', 'num_images', 'seed_blocks', 'batch_size', 'kid', 'precision_recall',
-                                        'inception_weights')})
-    trials = stage.inputs['trials']
-    rows, failed = run_sweep(trials, plan.trial_hashes(stage, trials), context, stage.options['trial_resources'], stage.dir,
-                             max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
-                             stall_timeout=opts.stall_timeout)
-    path = results.write_json(os.path.join(stage.dir, 'rows.json'), rows)
-    return dict(rows=os.path.abspath(path), trials=len(rows), failed=failed)
-
-
-STAGES = dict(train=_train, checkpoint=_checkpoint, calibrate=_calibrate, reference=_reference, sweep=_sweep)
-
-
-# ---------------------------------------------------------------------------------------------
-# Parquet writers: every stage's outputs as a table (rewritten on reuse, so tables always
-# describe the stages of the last run).
-
-def _write_train_log(spec, stage, state, root, prov):
-    config, log = tasks_train.read_log(state[stage.name]['network'])
-    rows = [dict(r, config=config) for r in log]
-    results.write_table(root, spec.experiment, 'train_log', rows, dict(prov, device=state[stage.name]['device']))
-
-
-def _write_calibration(spec, stage, state, root, prov):
-    """calibration: one row per table and sigma (Calib Fig. 1 top row and Eq. 27); likelihood:
-    one row per table, the gain of the likelihood bound (Calib Eq. 11)."""
-    rows, gains = [], []
-    for path in state['calibrate']['tables'].values():
-        table = calibration.CalibrationTable.load(path)
-        m = table.meta
-        which = dict(snapshot_kimg=m.get('snapshot_kimg'), source=m['source'], table_images=m['image_count'])
-        gap = calibration.dsm_gap(table)
-        rows += [dict(which, sigma=float(s), images=int(n), c_norm2=float(a), mean_eps_norm2=float(e), mean_eps_norm2_se=float(b),
-                      config=dataclasses.asdict(spec.calibrate))
-                 for s, n, a, e, b in zip(table.sigmas, table.count.sum(0), gap['data'], gap['noise'], gap['noise_se'])]
-        gain = calibration.likelihood_gain(table)
-        dims = math.prod(table.shape)
-        gains.append(dict(which, likelihood_gain_nats=gain['nats'], likelihood_gain_se=gain['se'],
-                          likelihood_gain_noise_floor=gain['noise_floor'], likelihood_gain_bpd=gain['nats'] / (dims * math.log(2)),
-                          grid_points=gain['grid_points'], sigma_min=float(table.sigmas.min()), sigma_max=float(table.sigmas.max())))
-    results.write_table(root, spec.experiment, 'calibration', rows, dict(prov, device=None))
-    results.write_table(root, spec.experiment, 'likelihood', gains, dict(prov, device=None))
-
-
-def _write_sweep(spec, stage, state, root, prov):
-    with open(state['sweep']['rows']) as f:
-        rows = json.load(f)
-    results.write_table(root, spec.experiment, 'sweep', [dict(r, evaluate=dataclasses.asdict(spec.evaluate)) for r in rows],
-                        prov)
-
-
-WRITERS = dict(train=_write_train_log, calibrate=_write_calibration, sweep=_write_sweep)
+# Stage name -> (module, body, writer). Each body runs from its stage (inputs, options) and its
+# upstream stages' outputs (`upstream`, by stage name) alone, and returns the outputs recorded in
+# DONE.json; its writer turns them into Parquet (rewritten on reuse, so tables always describe the
+# last run's stages).
+STAGES = dict(train=('train', 'run_train_stage', 'write_train_log'),
+              checkpoint=('train', 'run_checkpoint_stage', None),
+              calibrate=('calibrate', 'run_calibrate_stage', 'write_calibration_tables'),
+              reference=('sweep', 'run_reference_stage', None),
+              sweep=('sweep', 'run_sweep_stage', 'write_sweep_table'))

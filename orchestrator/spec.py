@@ -25,6 +25,7 @@ from typing import Optional
 
 import yaml
 
+from orchestrator.storage import StorageError, fetch, local_path
 from tasks import data as data_mod
 from tasks import checkpoints, metrics, networks, precond
 from tasks import train as tasks_train
@@ -330,12 +331,43 @@ def parse(raw, path='<spec>'):
     _positive(path, 'seed', seed, allow_zero=True)  # numpy's seed sequences take non-negative integers
     sections = {k: _section(path, k, raw.get(k), cls) for k, cls in SECTIONS.items() if k in raw or k not in ('calibrate', 'sweep')}
     spec = Spec(experiment=name, seed=seed, path=path, **sections)
+    _check_file_types(spec, path)
+    _resolve_files(spec)
     _validate(spec, path)
     return spec
 
 
+def _check_file_types(spec, path):
+    c = spec.model.checkpoint
+    if isinstance(c, list) and (not c or not all(isinstance(f, str) for f in c)) or \
+            not isinstance(c, list) and c is not None and not isinstance(c, str):
+        _fail(path, 'model.checkpoint', f'expected a path or a non-empty list of paths, got {c!r}')
+
+
+def _resolve_files(spec):
+    """Every file a spec names, resolved once where the command was started: a relative path
+    becomes absolute (training workers and trials run in other folders); a URI stays a URI."""
+    d, m, t, e = spec.data, spec.model, spec.train, spec.evaluate
+    d.root = local_path(d.root)
+    m.checkpoint = [local_path(f) for f in m.checkpoint] if isinstance(m.checkpoint, list) else local_path(m.checkpoint)
+    e.inception_weights, e.reference_stats = local_path(e.inception_weights), local_path(e.reference_stats)
+    t.recording_table = local_path(t.recording_table)
+
+
+def _local(path, where, ref):
+    """A local copy of a file reference (a URI is downloaded once into this node's cache), or the
+    spec error naming the field."""
+    try:
+        return fetch(ref)
+    except (FileNotFoundError, StorageError) as e:
+        _fail(path, where, str(e))
+
+
 def _validate(spec, path):
     d, m, t, e = spec.data, spec.model, spec.train, spec.evaluate
+    for where, ref in (('data.root', d.root), ('train.recording_table', t.recording_table)):
+        if ref is not None:
+            _local(path, where, ref)
     _choice(path, 'data.name', d.name, data_mod.DATASETS)
     _choice(path, 'data.split', d.split, ('train', 'test'))
     _positive(path, 'data.resolution', d.resolution)
@@ -347,16 +379,14 @@ def _validate(spec, path):
         if m.checkpoint is None:
             _fail(path, 'model.format', 'says the format of model.checkpoint, which is not given')
     listed = isinstance(m.checkpoint, list)
-    if listed and (not m.checkpoint or not all(isinstance(f, str) for f in m.checkpoint)) or \
-            not listed and m.checkpoint is not None and not isinstance(m.checkpoint, str):
-        _fail(path, 'model.checkpoint', f'expected a path or a non-empty list of paths, got {m.checkpoint!r}')
     kimgs = []
     for i, file in enumerate(m.checkpoints()):
         where = f'model.checkpoint[{i}]' if listed else 'model.checkpoint'
+        local = _local(path, where, file)
         try:
-            detected = checkpoints.detect_format(file)
+            detected = checkpoints.detect_format(local)
             # A network.pt is opened here (weights_only, its tensors left on disk): a foreign one fails now.
-            kimgs.append(checkpoints.snapshot_kimg(file, m.format or detected))
+            kimgs.append(checkpoints.snapshot_kimg(local, m.format or detected))
         except checkpoints.CheckpointError as e:
             _fail(path, where, str(e))
         if m.format is not None and m.format != detected:
@@ -428,11 +458,11 @@ def _validate(spec, path):
         _positive(path, f'evaluate.{key}', getattr(e, key))
     if e.num_images < 2 or e.reference_images < 2:
         _fail(path, 'evaluate.num_images', 'FID needs at least 2 images on each side')
-    if e.inception_weights is not None and not os.path.isfile(e.inception_weights):
-        _fail(path, 'evaluate.inception_weights', f'{e.inception_weights} does not exist')
+    if e.inception_weights is not None and not os.path.isfile(_local(path, 'evaluate.inception_weights', e.inception_weights)):
+        _fail(path, 'evaluate.inception_weights', f'{e.inception_weights} is a folder, not a weights file')
     if e.reference_stats is not None:
         try:
-            metrics.load_reference_statistics(e.reference_stats)
+            metrics.load_reference_statistics(_local(path, 'evaluate.reference_stats', e.reference_stats))
         except metrics.MetricsError as err:
             _fail(path, 'evaluate.reference_stats', str(err))
         if e.kid or e.precision_recall:

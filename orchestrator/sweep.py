@@ -1,20 +1,28 @@
-"""Sweep stage: a Ray Tune grid with one trial per sampler setting (calibrated or not). Each
-trial samples num_images images with per-image seeds, measures them against the reference
+"""The evaluation stages: reference (FID statistics of the data, or a published file) and sweep
+(a Ray Tune grid with one trial per sampler setting, calibrated or not), and the sweep table.
+
+Each trial samples num_images images with per-image seeds, measures them against the reference
 statistics with tasks.metrics.evaluate, writes its row under the results root by its content
 hash (plan.trial_hashes) and reports it through ray.tune.report. Finished trials are never run
 again: a re-run after a crash, a pre-emption, a failed trial or an extended sweep runs only the
-trials that have no row.
+trials that have no row. Trials read networks, calibration tables and Inception weights through
+the results root or the inputs' URIs (orchestrator.storage), the reference statistics from Ray's
+object store, and write their rows to the root: nothing on the driver's disk.
 """
-import json
+import dataclasses
 import os
+import tempfile
 import time
 
 import ray
+import torch
 from ray import tune
 from tqdm import tqdm
 
-from orchestrator.results import write_json
+from orchestrator import results
+from orchestrator.plan import TRIALS, load_data, trial_hashes
 from orchestrator.spec import cpus_gpus, sampler_kwargs, snapshot_key, table_key
+from orchestrator.storage import fetch, stage_input
 from tasks import calibration, checkpoints, metrics
 
 
@@ -43,13 +51,13 @@ def _trial(config):
     start = time.time()
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
-    net = checkpoints.load_denoiser(model['network'], model['format']).to(device)
+    net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
     if trial['calibrated']:
         key = table_key(trial['snapshot_kimg'], trial['calibration_source'], trial['calibration_images'])
-        table = calibration.CalibrationTable.load(ctx['tables'][key])
+        table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
         net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                              per_class=trial['calibration_per_class'])
-    weights = metrics.resolve_inception_weights(ctx['inception_weights'])
+    weights = metrics.resolve_inception_weights(ctx['inception_weights'] and fetch(*ctx['inception_weights']))
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
     result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
@@ -59,7 +67,7 @@ def _trial(config):
                **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
     # The row is kept as soon as the trial ends, so a killed driver or a later run reuses it.
-    write_json(os.path.join(ctx['trials_dir'], f'{item["hash"]}.json'), row)
+    ctx['storage'].write_json(f'{TRIALS}/{item["hash"]}.json', row)
     tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
 
 
@@ -129,18 +137,19 @@ class _Stalled(tune.Stopper):
         return self.stalled
 
 
-def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, verbose=False, log=print, stall_timeout=None):
+def run_sweep(trials, hashes, context, resources, storage_path, max_failures=1, verbose=False, log=print, stall_timeout=None):
     """Rows of the sweep table, one per entry of `trials` (with content hashes `hashes`), and
-    the labels of the trials that failed. Trials finished before (a row under
-    context['trials_dir']) are reused; the others run as one Tune grid, each retried up to
-    max_failures times. A failed trial's row holds its error and no metrics.
-    context: snapshots (the model stage's outputs: {snapshot_key: network path, format, kimg}), tables ({table_key:
-    path}), interpolate, reference (ObjectRef of the statistics), trials_dir, class_idx, num_images,
-    seed_blocks, batch_size, kid, precision_recall, inception_weights. stall_timeout: seconds with
-    trials waiting and none running after which the sweep ends (its missing trials named)."""
-    os.makedirs(context['trials_dir'], exist_ok=True)
-    row_path = lambda h: os.path.join(context['trials_dir'], f'{h}.json')
-    todo = [dict(hash=h, trial=t) for h, t in zip(hashes, trials) if not os.path.isfile(row_path(h))]
+    the labels of the trials that failed. Trials finished before (a row under <root>/.trials of
+    context['storage']) are reused; the others run as one Tune grid (its experiment state under
+    storage_path), each retried up to max_failures times. A failed trial's row holds its error
+    and no metrics. context: snapshots (the model stage's outputs: {snapshot_key: network URI,
+    format, kimg}), tables ({table_key: URI}), interpolate, reference (ObjectRef of the
+    statistics), storage, class_idx, num_images, seed_blocks, batch_size, kid, precision_recall,
+    inception_weights ((URI, sha256) or None). stall_timeout: seconds with trials waiting and none
+    running after which the sweep ends (its missing trials named)."""
+    storage = context['storage']
+    row_key = lambda h: f'{TRIALS}/{h}.json'
+    todo = [dict(hash=h, trial=t) for h, t in zip(hashes, trials) if not storage.exists(row_key(h))]
     log(f'sweep: {len(trials) - len(todo)} of {len(trials)} trial(s) finished before and reused; {len(todo)} to run')
     errors = {}
     if todo:
@@ -156,7 +165,7 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
             param_space=dict(item=tune.grid_search(todo), context=context),
             # Tune's own tables only with verbose; each trial's output goes to files in its folder.
             run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=1 if verbose else 0,
-                                      storage_path=os.path.abspath(os.path.join(stage_dir, 'ray')), log_to_file=True,
+                                      storage_path=storage_path, log_to_file=True,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       callbacks=[progress], stop=stalled))
         for result in tuner.fit():
@@ -171,9 +180,57 @@ def run_sweep(trials, hashes, context, resources, stage_dir, max_failures=1, ver
                 errors.setdefault(item['hash'], f'not run: no resources for {stall_timeout:g} s')
     rows = []
     for h, trial in zip(hashes, trials):
-        if os.path.isfile(row_path(h)):
-            with open(row_path(h)) as f:
-                rows.append(json.load(f))
+        if storage.exists(row_key(h)):
+            rows.append(storage.read_json(row_key(h)))
         else:
             rows.append(dict(trial_row(trial), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)')))
     return rows, [r['label'] for r in rows if r.get('error')]
+
+
+def run_reference_stage(stage, upstream, dataset, opts):
+    """FID statistics of the reference images (Inception features, on the driver), or the
+    published statistics file the spec names. Outputs: the statistics file's URI (or path) under
+    the stage's storage, its sha256, count and the weights' sha256."""
+    storage = stage.storage
+    if 'stats_sha256' in stage.inputs:
+        path = stage.options['path']
+        stats = metrics.load_reference_statistics(fetch(path, stage.inputs['stats_sha256']))
+        opts.log(f'reference: published statistics {path} (sha256 {stats["sha256"][:16]}...)')
+        return dict(stats=stage_input(storage, path, stats['sha256']), count=stats['count'], sha256=stats['sha256'],
+                    weights_sha256=None)
+    ref = load_data(stage.inputs['data'], stage.options['data_root'])
+    weights = stage.options['inception_weights']
+    extractor = metrics.InceptionFeatures(metrics.resolve_inception_weights(weights and fetch(weights, stage.inputs['weights'])),
+                                          batch_size=stage.options['batch_size'],
+                                          device='cuda' if torch.cuda.is_available() else 'cpu')
+    opts.log(f'reference: features of {len(ref)} {ref.name} {stage.inputs["data"]["split"]} images ({extractor.weights.source})')
+    with tempfile.TemporaryDirectory(prefix='calib-edm-') as tmp:
+        # KID and precision/recall compare features, not mean and covariance.
+        stats = metrics.reference_statistics(ref, extractor, cache_dir=tmp, keep_features=stage.inputs['features'],
+                                             progress=True)
+        name = os.path.basename(stats['cache'])
+        uri = storage.write_file(f'{stage.key}/{name}', lambda path: os.replace(stats['cache'], path))
+    return dict(stats=uri, count=stats['count'], weights_sha256=stats['weights_sha256'])
+
+
+def run_sweep_stage(stage, upstream, dataset, opts):
+    e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
+    reference = metrics.load_reference_statistics(fetch(upstream['reference']['stats']), features=e['kid'] or e['precision_recall'])
+    weights = stage.options['inception_weights']
+    context = dict(snapshots=(upstream.get('train') or upstream['checkpoint'])['snapshots'],
+                   tables=upstream.get('calibrate', {}).get('tables', {}), interpolate=stage.inputs['interpolate'],
+                   reference=ray.put(reference), storage=stage.storage,
+                   inception_weights=weights and (stage_input(stage.storage, weights, e['inception_weights']), e['inception_weights']),
+                   **{k: e[k] for k in ('class_idx', 'num_images', 'seed_blocks', 'batch_size', 'kid', 'precision_recall')})
+    trials = stage.inputs['trials']
+    rows, failed = run_sweep(trials, trial_hashes(stage, trials), context, stage.options['trial_resources'],
+                             stage.storage.uri(stage.key, 'ray'), max_failures=stage.options['max_failures'],
+                             verbose=opts.verbose, log=opts.log, stall_timeout=opts.stall_timeout)
+    uri = stage.storage.write_json(f'{stage.key}/rows.json', rows)
+    return dict(rows=uri, trials=len(rows), failed=failed)
+
+
+def write_sweep_table(spec, stage, outputs, prov):
+    rows = stage.storage.read_json(f'{stage.key}/rows.json')
+    results.write_table(stage.storage, spec.experiment, 'sweep',
+                        [dict(r, evaluate=dataclasses.asdict(spec.evaluate)) for r in rows], prov)

@@ -1,15 +1,18 @@
-"""Train stage: Ray Train V2 TorchTrainer around tasks.train.train.
+"""The model stages: train (Ray Train V2 TorchTrainer around tasks.train.train) or checkpoint
+(a model the spec names), and the train_log table.
 
-Each worker loads the data, trains its share of every batch (DDP when there are several),
-and reports every tick through ray.train.report; rank 0 attaches the checkpoint it just wrote.
-FailureConfig restarts failed workers, which resume from ray.train.get_checkpoint(); a restarted
-run (the same stage re-run after a crash) resumes from the newest checkpoint in its storage.
+Each training worker takes the dataset from Ray's object store (the driver loaded it once),
+trains its share of every batch (DDP when there are several) in a folder of its own node, and
+reports every tick through ray.train.report; rank 0 attaches the checkpoint it just wrote, which
+Ray Train keeps under the stage's storage (the results root: a path every node shares, or object
+storage), uploads each snapshot there as soon as it is written, and tells the driver's progress
+bar its tick through a small actor. FailureConfig restarts failed workers, which resume from
+ray.train.get_checkpoint(); a restarted run (the same stage re-run after a crash) resumes from the
+newest checkpoint in the stage's storage.
 """
 import contextlib
 import dataclasses
 import datetime
-import glob
-import json
 import os
 import shutil
 import socket
@@ -23,11 +26,11 @@ import ray.train.collective
 import ray.train.torch
 import torch
 
-from orchestrator.results import write_json
-from tasks import data as data_mod
+from orchestrator import results
+from orchestrator.spec import snapshot_key
+from orchestrator.storage import fetch, stage_input
+from tasks import checkpoints
 from tasks import train as tasks_train
-
-PROGRESS = 'progress.json'
 
 
 class _OwnProcessGroup(ray.train.torch.TorchConfig):
@@ -58,35 +61,53 @@ def init_process_group(rank, world_size, device):
                                          world_size=world_size, timeout=timeout)
 
 
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Rank 0's latest tick record, for the driver's progress bar (whatever node rank 0 is on)."""
+
+    def __init__(self):
+        self.record = None
+
+    def report(self, record):
+        self.record = record
+
+    def latest(self):
+        return self.record
+
+
 def _train_worker(config):
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if world_size > 1:
         init_process_group(rank, world_size, device)
-    dataset = data_mod.load_dataset(**config['data'])
-    run_dir = os.path.join(config['run_dir'], f'rank{rank}')
-    os.makedirs(run_dir, exist_ok=True)
-
+    dataset = ray.get(config['dataset'])
+    storage, key = config['storage'], config['stage_key']
+    run_dir = tempfile.mkdtemp(prefix=f'calib-edm-train-rank{rank}-')  # this node's; what must last goes to storage
     # Every rank starts from the same state: the last checkpoint Ray Train registered, the stage's
-    # newest one, or none. A state file an attempt wrote but died before reporting would put this
-    # rank ahead of the others, and DDP would then wait forever for the ranks behind.
+    # newest one, or none.
     checkpoint, local = ray.train.get_checkpoint(), os.path.join(run_dir, tasks_train.CHECKPOINT)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             shutil.copy(os.path.join(d, tasks_train.CHECKPOINT), local)
     elif config.get('resume_from'):
-        shutil.copy(config['resume_from'], local)
-    elif os.path.exists(local):
-        os.remove(local)
+        shutil.copy(fetch(config['resume_from']), local)
+    recording = config['train']['recording_table']
+    train_config = tasks_train.TrainConfig(**dict(config['train'], recording_table=recording and fetch(recording)))
+    snapshots = {tasks_train.snapshot_name(k) for k in train_config.snapshots_kimg}
 
     def wrap_ddp(net):
         ids = [device] if device.type == 'cuda' else None
         return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
     def on_tick(record, checkpoint_path):
-        if rank == 0:  # what the driver's progress bar shows (run_train_stage polls it)
-            write_json(os.path.join(config['run_dir'], PROGRESS), record)
+        if rank == 0:
+            # A snapshot reaches storage before any later checkpoint is registered, so a restart
+            # from that checkpoint (which never writes it again) finds it there.
+            for name in snapshots & set(os.listdir(run_dir)):
+                storage.upload(os.path.join(run_dir, name), f'{key}/{name}')
+                snapshots.discard(name)
+            config['progress'].report.remote(record)
         if checkpoint_path is None:
             ray.train.report(record)
             return
@@ -98,17 +119,18 @@ def _train_worker(config):
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     try:
-        tasks_train.train(tasks_train.TrainConfig(**config['train']), dataset, run_dir, device=device, resume=True,
+        tasks_train.train(train_config, dataset, run_dir, device=device, resume=True,
                           progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
                           wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def progress_bar(path, total_kimg):
-    """A driver-side bar in kimg, fed by the progress file rank 0 writes every tick."""
+def progress_bar(board, total_kimg):
+    """A driver-side bar in kimg, fed by what rank 0 reports to `board` every tick."""
     from tqdm import tqdm
     bar = tqdm(total=total_kimg, unit='kimg', desc='train', bar_format='{desc}: {percentage:3.0f}%|{bar}| '
                '{n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]')
@@ -116,12 +138,12 @@ def progress_bar(path, total_kimg):
 
     def refresh():
         try:
-            with open(path) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            return  # not written yet, or being replaced
-        bar.n = min(record['kimg'], total_kimg)
-        bar.set_postfix_str(f'loss {record["loss"]:.4f}, {record["img_per_sec"]:.0f} img/s')
+            record = ray.get(board.latest.remote(), timeout=5)
+        except ray.exceptions.RayError:
+            return
+        if record is not None:
+            bar.n = min(record['kimg'], total_kimg)
+            bar.set_postfix_str(f'loss {record["loss"]:.4f}, {record["img_per_sec"]:.0f} img/s')
 
     def poll():
         while not stop.wait(1.0):
@@ -138,10 +160,10 @@ def progress_bar(path, total_kimg):
         bar.close()
 
 
-def latest_checkpoint(storage):
-    """The newest training-state.pt under a stage's Ray storage, or None."""
-    paths = glob.glob(os.path.join(storage, '**', tasks_train.CHECKPOINT), recursive=True)
-    return max(paths, key=os.path.getmtime) if paths else None
+def latest_checkpoint(storage, key):
+    """The newest training-state.pt under a stage's Ray Train storage (its URI), or None."""
+    found = [(mtime, k) for k, mtime in storage.files(key) if k.endswith('/' + tasks_train.CHECKPOINT)]
+    return storage.uri(max(found)[1]) if found else None
 
 
 def _fit(trainer):
@@ -163,36 +185,65 @@ def _fit(trainer):
     return outcome['result']
 
 
-def run_train_stage(stage_dir, config, data, workers=1, cpus_per_worker=1.0, use_gpu='auto', max_failures=2):
-    """Train `config` (tasks.train.TrainConfig) on the dataset of `data` (tasks.data.load_dataset
-    keyword arguments) with Ray Train; returns ({kimg: network file in stage_dir} for every snapshot
-    and the final network (total_kimg: network.pt), device used)."""
-    use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if use_gpu == 'auto' else use_gpu
-    storage = os.path.abspath(os.path.join(stage_dir, 'ray'))
-    loop_config = dict(data=data, train=dataclasses.asdict(config), run_dir=os.path.abspath(os.path.join(stage_dir, 'workers')),
-                       resume_from=latest_checkpoint(storage), data_info=dict(name=data['name']))
+def run_train_stage(stage, upstream, dataset, opts):
+    """Train the stage's config (tasks.train.TrainConfig) on `dataset` with Ray Train. Outputs:
+    every snapshot's network (URI or path under the stage's storage) by snapshot key, the final
+    one, and the device used."""
+    storage, key, o = stage.storage, stage.key, stage.options
+    config = tasks_train.TrainConfig(**dict(stage.inputs['config'], recording_table=o['recording_table']))
+    workers = stage.inputs['workers']
+    use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if o['use_gpu'] == 'auto' else o['use_gpu']
+    recording = config.recording_table and stage_input(storage, config.recording_table, stage.inputs['config']['recording_table'])
+    board = ProgressBoard.remote()
+    loop_config = dict(dataset=ray.put(dataset), train=dict(dataclasses.asdict(config), recording_table=recording),
+                       storage=storage, stage_key=key, progress=board,
+                       resume_from=latest_checkpoint(storage, f'{key}/ray'), data_info=dict(name=stage.inputs['data']['name']))
     trainer = ray.train.torch.TorchTrainer(
         _train_worker, train_loop_config=loop_config, torch_config=_OwnProcessGroup(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=dict(CPU=cpus_per_worker)),
-        run_config=ray.train.RunConfig(name='train', storage_path=storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                                               resources_per_worker=dict(CPU=o['cpus_per_worker'])),
+        run_config=ray.train.RunConfig(name='train', storage_path=storage.uri(key, 'ray'),
+                                       failure_config=ray.train.FailureConfig(max_failures=o['max_failures']),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    with progress_bar(os.path.join(loop_config['run_dir'], PROGRESS), config.total_kimg):
-        result = _fit(trainer)
+    try:
+        with progress_bar(board, config.total_kimg):
+            result = _fit(trainer)
+    finally:
+        ray.kill(board)
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:
-        shutil.copy(os.path.join(d, tasks_train.NETWORK), os.path.join(stage_dir, tasks_train.NETWORK))
-    # Snapshots are written by rank 0 into its run folder (on the results root: shared storage).
-    snapshots = {config.total_kimg: os.path.join(stage_dir, tasks_train.NETWORK)}
-    for k in config.snapshots_kimg:
-        if k < config.total_kimg:
-            name = tasks_train.snapshot_name(k)
-            source = os.path.join(loop_config['run_dir'], 'rank0', name)
-            if not os.path.isfile(source):
-                raise RuntimeError(f'{source}: the {k:g}-kimg snapshot is missing: is the results root shared storage '
-                                   'that every node writes to?')
-            shutil.copy(source, os.path.join(stage_dir, name))
-            snapshots[k] = os.path.join(stage_dir, name)
-    return snapshots, 'cuda' if use_gpu else 'cpu'
+        storage.upload(os.path.join(d, tasks_train.NETWORK), f'{key}/{tasks_train.NETWORK}')
+    snapshots = {config.total_kimg: tasks_train.NETWORK}
+    snapshots.update({k: tasks_train.snapshot_name(k) for k in config.snapshots_kimg if k < config.total_kimg})
+    for k, name in snapshots.items():
+        if not storage.exists(f'{key}/{name}'):
+            raise RuntimeError(f'{storage.uri(key, name)}: the {k:g}-kimg snapshot is missing')
+    models = {snapshot_key(k): dict(network=storage.uri(key, name), format='network.pt', kimg=k)
+              for k, name in sorted(snapshots.items())}
+    return dict(network=models[snapshot_key(config.total_kimg)]['network'], format='network.pt',
+                device='cuda' if use_gpu else 'cpu', snapshots=models)
+
+
+def run_checkpoint_stage(stage, upstream, dataset, opts):
+    """The model files a spec names, each loaded once here (a file that cannot load fails before
+    any work) and made readable by remote code (stage_input)."""
+    snapshots = {}
+    for path, file in zip(stage.options['paths'], stage.inputs['files']):
+        fmt = stage.inputs['format'] or checkpoints.detect_format(fetch(path, file['sha256']))
+        net = checkpoints.load_denoiser(fetch(path, file['sha256']), fmt)
+        kimg = file['kimg']
+        opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
+                 f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g}'
+                 f'{"" if kimg is None else f", {kimg:g} kimg"})')
+        snapshots[snapshot_key(kimg)] = dict(network=stage_input(stage.storage, path, file['sha256']), format=fmt, kimg=kimg,
+                                             sha256=file['sha256'])
+    last = list(snapshots.values())[-1]
+    return dict(network=last['network'], format=last['format'], device=None, sha256=last['sha256'], snapshots=snapshots)
+
+
+def write_train_log(spec, stage, outputs, prov):
+    """train_log: one row per training tick of the final network."""
+    config, log = tasks_train.read_log(fetch(outputs['network']))
+    rows = [dict(r, config=config) for r in log]
+    results.write_table(stage.storage, spec.experiment, 'train_log', rows, dict(prov, device=outputs['device']))

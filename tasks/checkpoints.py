@@ -29,13 +29,10 @@ import zipfile
 import torch
 
 from tasks import precond, schedules
-from tasks.files import NUMPY_GLOBALS, AllowListUnpickler, sha256_file
+from tasks.files import NUMPY_GLOBALS, AllowListUnpickler, CheckpointError, load_torch_file, sha256_file  # noqa: F401 (CheckpointError: re-exported)
+from tasks.train import TrainConfig, build_network
 
 FORMATS = ('network.pt', 'edm-pkl', 'diffusers')
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be loaded; the message names the file and what was expected."""
 
 
 def detect_format(path):
@@ -88,23 +85,6 @@ def load_denoiser(path, format=None, map_location='cpu'):
 # ---------------------------------------------------------------------------------------------
 # This project's network.pt
 
-def load_torch_file(path, map_location='cpu', mmap=False):
-    """torch.load of a file this project wrote, refusing anything but tensors and plain data.
-    mmap: tensors are mapped, not read (for a look at what a large file holds)."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise CheckpointError(f'{path}: no such file') from None
-    except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips RuntimeError
-        text = str(e).strip()
-        refused = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', text)
-        if refused:  # torch's message goes on to say how to load it anyway; this file is not one to trust
-            raise CheckpointError(f'{path}: refused: it would import {refused.group(1)} to load (only tensors and '
-                                  'plain data are read from model files)') from None
-        first = text.splitlines()[0] if text else ''
-        raise CheckpointError(f'{path}: not a plain-data torch file ({type(e).__name__}: {first})') from None
-
-
 NETWORK_PT_KEYS = ('config', 'image_shape', 'label_dim', 'ema')
 
 
@@ -112,7 +92,6 @@ def read_network_pt(path, mmap=False):
     """(blob, TrainConfig) of a network.pt written by tasks.train, or one CheckpointError line
     for a truncated or foreign file (a bare state dict, a pickled module, ...). With mmap the
     tensors are not read (what `orchestrator validate` does)."""
-    from tasks.train import TrainConfig
     blob = load_torch_file(path, mmap=mmap)
     missing = [k for k in NETWORK_PT_KEYS if k not in blob] if isinstance(blob, dict) else NETWORK_PT_KEYS
     if missing:
@@ -127,7 +106,6 @@ def read_network_pt(path, mmap=False):
 
 
 def _load_network_pt(path):
-    from tasks.train import build_network
     blob, config = read_network_pt(path)
     try:
         net = build_network(config, blob['image_shape'], blob['label_dim'])

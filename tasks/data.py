@@ -158,29 +158,180 @@ def load_cifar10_npz(path, split='train'):
     return ImageDataset(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64)), 'cifar10')
 
 
-def load_image_folder(root, extensions=('.png', '.jpg', '.jpeg', '.bmp')):
-    """All images under `root` (sorted by path), which must share one size and mode; the label
-    is the index of the image's first-level subfolder (0 for images directly in root)."""
+# ---------------------------------------------------------------------------------------------
+# Images: one decoder (decode_image) for every image reader.
+
+EDM_HINT = "prepare it with NVlabs/edm's dataset_tool.py (python dataset_tool.py --source=... --dest=...zip)"
+SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def _one_line(e):
+    return ' '.join(str(e).split())
+
+
+def image_extensions():
+    """The file extensions PIL can open (lower case, with the dot), as EDM's dataset_tool uses them."""
     import PIL.Image
+    PIL.Image.init()
+    return tuple(sorted(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN))
+
+
+def decode_image(source, name):
+    """The image in `source` (a path or a binary file object; `name` names it in errors)
+    as uint8 [H, W, C] with C = 1 (L) or 3 (RGB), converted as image tools do:
+    'L', 'RGB' as they are; 'P' and 'PA' -> the palette's RGB colours (never the indices);
+    'LA' -> L and 'RGBA'/'RGBX' -> RGB (alpha dropped); '1' -> 0/255 L; 16-bit greyscale
+    ('I;16*', and 'I' with values in 0..65535) -> round(v / 257); 'CMYK', 'YCbCr' -> RGB by PIL.
+    Anything else ('F', 'I' outside 0..65535, ...) has no faithful 8-bit reading and is refused."""
+    import PIL.Image
+    try:
+        with PIL.Image.open(source) as img:
+            img.load()
+            mode = img.mode
+            if mode in ('L', 'RGB'):
+                arr = np.asarray(img)
+            elif mode in ('P', 'PA'):
+                arr = np.asarray(img.convert('RGBA'))[:, :, :3]
+            elif mode in ('LA', 'RGBA', 'RGBX'):
+                arr = np.asarray(img)[:, :, :-1]
+            elif mode in ('1', 'CMYK', 'YCbCr'):
+                arr = np.asarray(img.convert('L' if mode == '1' else 'RGB'))
+            elif mode in SIXTEEN_BIT_MODES:
+                arr = np.asarray(img).astype(np.int64)
+            else:
+                arr = None
+    except Exception as e:  # PIL raises many kinds of errors for unreadable files
+        raise DataError(f'{name}: cannot decode ({type(e).__name__}: {_one_line(e)})') from None
+    if arr is None:
+        raise DataError(f'{name}: image mode {mode!r} has no faithful 8-bit reading; '
+                        f'supported: L, RGB, P, PA, LA, RGBA, 1, 16-bit greyscale, CMYK, YCbCr')
+    if mode in SIXTEEN_BIT_MODES:
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(f'{name}: image mode {mode!r} holds values {arr.min()}..{arr.max()}, '
+                            f'outside the 16-bit range 0..65535; no faithful 8-bit reading')
+        arr = np.clip(np.round(arr / 257), 0, 255)  # 65535 -> 255; 257 is odd, so there are no ties
+    arr = arr.astype(np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _decode_all(what, sources):
+    """Decode every (name, path or file object) of `sources` into one uint8 [N, C, R, R] tensor.
+    Images must be square (the networks take square images, and data.resolution only resizes
+    square ones) and share one size (never silently reshaped). If any image is colour, all
+    become RGB (greyscale replicated to 3 channels); else all stay 1-channel L."""
+    arrays, first = [], None
+    for name, source in sources:
+        arr = decode_image(source, f'{what}: {name}')
+        h, w = arr.shape[:2]
+        if h != w:
+            raise DataError(f'{what}: {name} is {w}x{h}, not square; the networks take square images '
+                            f'and data.resolution only resizes square images')
+        if first is None:
+            first = (name, w)
+        elif w != first[1]:
+            raise DataError(f'{what}: {name} is {w}x{w}, but {first[0]} is {first[1]}x{first[1]}; '
+                            f'all images must match in size')
+        arrays.append(arr)
+    if any(a.shape[2] == 3 for a in arrays):
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_image_folder(root, extensions=None):
+    """All images under `root` (sorted by path; default: every extension PIL opens), decoded by
+    decode_image into one size and channel count; the label is the index of the image's
+    first-level subfolder (sorted; 0 for images directly in root)."""
     _check_dir(root, 'image-folder', 'give a directory of images')
+    extensions = tuple(extensions or image_extensions())
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.lower().endswith(extensions))
     if not paths:
-        raise DataError(f'image-folder: no {"/".join(extensions)} files under {root}')
-    classes = sorted({os.path.relpath(p, root).split(os.sep)[0] for p in paths if os.sep in os.path.relpath(p, root)})
-    images, labels = [], []
-    for p in paths:
+        raise DataError(f'image-folder: no image files ({" ".join(extensions)}) under {root}')
+    rels = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    classes = sorted({rel[0] for rel in rels if len(rel) > 1})
+    labels = [classes.index(rel[0]) if len(rel) > 1 else 0 for rel in rels]
+    images = _decode_all('image-folder', ((p, p) for p in paths))
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), 'image-folder', max(len(classes), 1))
+
+
+def _edm_labels(labels_json, names, where):
+    """Integer labels for `names` from dataset.json's "labels" ([[name, label], ...] or null)."""
+    if labels_json is None:
+        return [0] * len(names), 1
+    if not isinstance(labels_json, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels_json):
+        raise DataError(f'edm-dataset: {where}: "labels" must be null or a list of [file name, label] pairs')
+    table = dict(labels_json)
+    known = set(names)
+    for fname, label in labels_json:
+        if fname not in known:
+            raise DataError(f'edm-dataset: {where} labels {fname!r}, which is not an image of the dataset')
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise DataError(f'edm-dataset: {where}: label {label!r} of {fname!r} is not a class index; '
+                            f'only integer class labels are supported (not one-hot or multi-dimensional labels)')
+    if len(table) != len(labels_json):
+        raise DataError(f'edm-dataset: {where} labels some images more than once')
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataError(f'edm-dataset: {where} has no label for {missing[0]!r} ({len(missing)} images unlabelled)')
+    labels = [table[n] for n in names]
+    return labels, max(labels) + 1
+
+
+def _read_file(path):
+    try:
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f'edm-dataset: {path}: cannot read ({_one_line(e)})') from None
+
+
+def _read_member(zf, root, name):
+    try:
+        return zf.read(name)
+    except Exception as e:  # corrupt members raise BadZipFile, zlib.error, EOFError, ...
+        raise DataError(f'edm-dataset: {root}: cannot read member {name} ({type(e).__name__}: {_one_line(e)})') from None
+
+
+def load_edm_dataset(root):
+    """A dataset as NVlabs/edm's dataset_tool.py writes it: a .zip file or a folder of images
+    (any nesting, every extension PIL opens, sorted by their '/'-separated path inside root) and
+    an optional top-level dataset.json {"labels": [[path, class], ...] or null}. Without labels
+    every label is 0 and num_classes is 1, else num_classes = max label + 1. Zips are read in
+    memory: nothing is extracted, and no path from an archive is used as a filesystem path."""
+    import zipfile
+    if os.path.isdir(root):
+        def where(rel):
+            return os.path.join(root, *rel.split('/'))
+        rels = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, '/') for d, _, files in os.walk(root) for f in files)
+        return _edm_dataset(root, rels, lambda rel: _read_file(where(rel)), where)
+    if not os.path.isfile(root):
+        raise DataError(f'edm-dataset: {root} does not exist; {EDM_HINT}')
+    try:
+        zf = zipfile.ZipFile(root)
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise DataError(f'edm-dataset: {root}: not a readable zip file, or a truncated one ({_one_line(e)}); {EDM_HINT}') from None
+    with zf:
+        rels = sorted(n for n in zf.namelist() if not n.endswith('/'))
+        return _edm_dataset(root, rels, lambda rel: _read_member(zf, root, rel), lambda rel: f'{root}:{rel}')
+
+
+def _edm_dataset(root, rels, read, where):
+    """The EDM dataset of the files `rels` ('/'-separated relative paths) that read(rel) gives
+    as bytes; where(rel) names a file in errors."""
+    import io
+    import json
+    extensions = image_extensions()
+    names = [r for r in rels if os.path.splitext(r)[1].lower() in extensions]
+    if not names:
+        raise DataError(f'edm-dataset: no image files in {root}; {EDM_HINT}')
+    labels_json = None
+    if 'dataset.json' in rels:
         try:
-            img = np.asarray(PIL.Image.open(p))
-        except Exception as e:
-            raise DataError(f'image-folder: {p}: cannot decode ({e})') from None
-        img = img[:, :, None] if img.ndim == 2 else img[:, :, :3]
-        if images and img.shape != images[0].shape:
-            raise DataError(f'image-folder: {p} is {img.shape}, but {paths[0]} is {images[0].shape}; all images must match')
-        images.append(img)
-        rel = os.path.relpath(p, root).split(os.sep)
-        labels.append(classes.index(rel[0]) if len(rel) > 1 else 0)
-    arr = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(arr, torch.tensor(labels, dtype=torch.int64), 'image-folder', max(len(classes), 1))
+            labels_json = json.loads(read('dataset.json'))['labels']
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(f'edm-dataset: {where("dataset.json")}: not a JSON object with "labels" ({_one_line(e)})') from None
+    labels, num_classes = _edm_labels(labels_json, names, where('dataset.json'))
+    images = _decode_all('edm-dataset', ((where(n), io.BytesIO(read(n))) for n in names))
+    return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), 'edm-dataset', num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +393,13 @@ def random_hflip(images, generator=None):
     return torch.where(flip.reshape(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
 
 
-DATASETS = ('fashion-mnist', 'mnist', 'cifar10', 'cifar10-npz', 'image-folder')
+DATASETS = ('fashion-mnist', 'mnist', 'cifar10', 'cifar10-npz', 'image-folder', 'edm-dataset')
+
+
+def default_root(name):
+    """Where a dataset is found when the spec gives no root (only Debian's Fashion-MNIST has a
+    fixed place), else None."""
+    return FASHION_MNIST_DIR if name == 'fashion-mnist' else None
 
 
 def load_dataset(name, root=None, split='train', pad_to_32=False, resolution=None, limit=None):
@@ -258,6 +415,10 @@ def load_dataset(name, root=None, split='train', pad_to_32=False, resolution=Non
         ds = load_cifar10_npz(root or '', split)
     elif name == 'image-folder':
         ds = load_image_folder(root or '')
+    elif name == 'edm-dataset':
+        if split == 'test':
+            raise DataError('edm-dataset: an EDM dataset has one split (its zip or folder); use split: train')
+        ds = load_edm_dataset(root or '')
     else:
         raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
     if limit is not None:

@@ -1,9 +1,12 @@
-"""Files written whole or not at all, and pickles read as data."""
+"""Files written whole or not at all, and files from elsewhere read as data (pickles through an
+allow-list, torch files with weights_only)."""
 import hashlib
 import os
 import pickle
+import re
 
 import numpy as np
+import torch
 
 
 def atomic_write(path, write, suffix=''):
@@ -27,6 +30,27 @@ def sha256_file(path):
             for block in iter(lambda: f.read(1 << 20), b''):
                 h.update(block)
     return h.hexdigest()
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be loaded; the message names the file and what was expected."""
+
+
+def load_torch_file(path, map_location='cpu', mmap=False):
+    """torch.load of a file this project wrote, refusing anything but tensors and plain data.
+    mmap: tensors are mapped, not read (for a look at what a large file holds)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path}: no such file') from None
+    except Exception as e:  # weights_only refusals are UnpicklingError; corrupt zips RuntimeError
+        text = str(e).strip()
+        refused = re.search(r'(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)', text)
+        if refused:  # torch's message goes on to say how to load it anyway; this file is not one to trust
+            raise CheckpointError(f'{path}: refused: it would import {refused.group(1)} to load (only tensors and '
+                                  'plain data are read from model files)') from None
+        first = text.splitlines()[0] if text else ''
+        raise CheckpointError(f'{path}: not a plain-data torch file ({type(e).__name__}: {first})') from None
 
 
 # ---------------------------------------------------------------------------------------------

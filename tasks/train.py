@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 
 from tasks import calibration
-from tasks.checkpoints import load_torch_file
 from tasks import data as data_mod
-from tasks.files import atomic_write
+from tasks.files import atomic_write, load_torch_file
 from tasks.losses import build_loss
 from tasks.precond import build_denoiser
 
@@ -307,7 +306,6 @@ def main(argv=None):
     """python -m tasks.train: train on a dataset in one process, then save a sample grid."""
     import argparse
     from tasks import samplers
-    from tasks.checkpoints import load_denoiser
     p = argparse.ArgumentParser(description='Train an EDM-style denoiser in one process and save a PNG grid of samples.')
     p.add_argument('--dataset', default='fashion-mnist', choices=data_mod.DATASETS)
     p.add_argument('--root', default=None, help='dataset directory or file (default for fashion-mnist: %s)' % data_mod.FASHION_MNIST_DIR)
@@ -336,7 +334,10 @@ def main(argv=None):
                 data_info=dict(name=args.dataset, content_hash=dataset.content_hash()))
     print(f'trained in {time.time() - start:.0f} s; loss {log[0]["loss"]:.4f} (first tick) -> {log[-1]["loss"]:.4f} '
           f'(last tick); {log[-1]["img_per_sec"]:.0f} img/s')
-    net = load_denoiser(os.path.join(args.out, NETWORK)).to(args.device)
+    blob = load_torch_file(os.path.join(args.out, NETWORK))  # what tasks.checkpoints reads, without importing it
+    net = build_network(TrainConfig(**blob['config']), blob['image_shape'], blob['label_dim'])
+    net.load_state_dict(blob['ema'])
+    net = net.to(args.device).eval().requires_grad_(False)
     start = time.time()
     images, nfe = samplers.generate(net, range(args.samples), 'edm', batch_size=64, device=args.device)
     grid = os.path.join(args.out, 'samples.png')

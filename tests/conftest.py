@@ -1,7 +1,48 @@
 """Shared fixtures. Tests that use a Ray cluster fixture get the `ray` marker (multi-node ones
 also `multinode`) from the fixtures they ask for, so the markers always say what a test needs:
 -m 'not ray' runs everything that needs no Ray cluster."""
+import os
+import socket
+
 import pytest
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def pytest_configure(config):
+    """Object storage for the tests: an S3-compatible server (moto) on loopback, at a port chosen
+    now, so that every process this session starts (the embedded Ray cluster's workers, nodes
+    started with `ray start`, drivers in subprocesses) finds it through the environment, as on a
+    real cluster's nodes. Nothing listens there until a test asks for the s3 fixture."""
+    os.environ['CALIB_EDM_TEST_S3_PORT'] = str(_free_port())
+    os.environ.update(AWS_ENDPOINT_URL=f'http://127.0.0.1:{os.environ["CALIB_EDM_TEST_S3_PORT"]}',
+                      AWS_ACCESS_KEY_ID='testing', AWS_SECRET_ACCESS_KEY='testing', AWS_DEFAULT_REGION='us-east-1')
+    for variable in ('AWS_PROFILE', 'AWS_SESSION_TOKEN', 'AWS_SECURITY_TOKEN'):
+        os.environ.pop(variable, None)
+
+
+@pytest.fixture(scope='session')
+def s3_server():
+    """moto's ThreadedMotoServer on 127.0.0.1 (the port pytest_configure chose); stopped at the end."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address='127.0.0.1', port=int(os.environ['CALIB_EDM_TEST_S3_PORT']), verbose=False)
+    server.start()
+    yield os.environ['AWS_ENDPOINT_URL']
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new, empty bucket on the loopback S3 server: yields its URI s3://NAME."""
+    import uuid
+    import boto3
+    name = f'test-{uuid.uuid4().hex[:12]}'
+    boto3.client('s3', endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f's3://{name}'
 
 
 def pytest_collection_modifyitems(items):

@@ -1,5 +1,4 @@
 """tasks.checkpoints: every model format as a denoiser, and files that must never run code."""
-import io
 import json
 import os
 import pickle

@@ -71,29 +71,27 @@ def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path
     """A 2-worker DDP run whose worker process is killed after the first checkpoint is restarted
     by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
     (per-rank data order and noise are restored)."""
-    from orchestrator.train import PROGRESS, run_train_stage
+    from orchestrator.train import run_train_stage
     s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.384, kimg_per_tick=0.064, checkpoint_ticks=1,
                                    snapshots_kimg=[0.192]))
-    failed_dir, clean_dir = tmp_path / 'failed', tmp_path / 'clean'
+    # The same stage under two results roots: one run is disturbed, the other not.
+    failed, clean = ([st for st in runner.plan.make_plan(s, str(tmp_path / root)) if st.name == 'train'][0]
+                     for root in ('failed', 'clean'))
+    dataset = runner.plan.load_data(*runner.plan.data_inputs(s.data))
 
-    def past_first_checkpoint():
-        try:
-            with open(failed_dir / 'workers' / PROGRESS) as f:
-                return json.load(f)['kimg'] >= 0.128
-        except (OSError, ValueError):
-            return False
+    def past_first_checkpoint():  # Ray Train has registered a checkpoint in the stage's storage
+        return any(k.endswith(tasks_train.CHECKPOINT) for k, _ in failed.storage.files(failed.key))
     kills = []
     watcher = _kill_one_actor('RayTrainWorker', past_first_checkpoint, kills)
-    train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
-    run = lambda stage_dir: run_train_stage(stage_dir, tasks_train.TrainConfig(**train.inputs['config']), train.inputs['data'],
-                                            workers=2, max_failures=1)
-    networks, device = run(str(failed_dir))
+    run = lambda stage: run_train_stage(stage, {}, dataset, runner.RunOptions(log=lambda *a: None))
+    outputs = run(failed)
     watcher.join()
     assert kills  # a worker did die mid-run
-    clean, _ = run(str(clean_dir))
-    assert sorted(networks) == sorted(clean) == [0.192, 0.384] and device == 'cpu'
-    for kimg, nimg in ((0.192, 192), (0.384, 384)):  # the snapshot too, kept across the restart
-        a, b = torch.load(networks[kimg], weights_only=True), torch.load(clean[kimg], weights_only=True)
+    reference = run(clean)
+    assert sorted(outputs['snapshots']) == sorted(reference['snapshots']) == ['0.192kimg', '0.384kimg']
+    assert outputs['device'] == 'cpu'
+    for key, nimg in (('0.192kimg', 192), ('0.384kimg', 384)):  # the snapshot too, kept across the restart
+        a, b = (torch.load(o['snapshots'][key]['network'], weights_only=True) for o in (outputs, reference))
         assert a['cur_nimg'] == b['cur_nimg'] == nimg
         for name in a['ema']:
             assert torch.equal(a['ema'][name], b['ema'][name]), name
@@ -135,6 +133,7 @@ def test_embedded_cluster_and_ddp_training_listen_on_loopback_only(ray_cluster, 
     from orchestrator.train import run_train_stage
     s = _spec(tmp_path, train=dict(workers=2, total_kimg=0.256, kimg_per_tick=0.064))
     train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
+    dataset = runner.plan.load_data(*runner.plan.data_inputs(s.data))
     seen, done = set(), threading.Event()
 
     def sample():
@@ -143,7 +142,7 @@ def test_embedded_cluster_and_ddp_training_listen_on_loopback_only(ray_cluster, 
             time.sleep(0.2)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    run_train_stage(str(tmp_path / 'train'), tasks_train.TrainConfig(**train.inputs['config']), train.inputs['data'], workers=2)
+    run_train_stage(train, {}, dataset, runner.RunOptions(log=lambda *a: None))
     done.set()
     thread.join()
     train_workers = {address for name, address in seen if 'RayTrainWo' in name}
@@ -279,12 +278,12 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     # calibration table of one of them missing, the re-run runs only those two; the one that
     # fails is named, the other three rows land in Parquet, and the next run retries only it.
     sweep_stage = [st for st in runner.plan.make_plan(s, root) if st.name == 'sweep'][0]
-    os.remove(os.path.join(sweep_stage.dir, 'DONE.json'))
+    os.remove(sweep_stage.storage.path(sweep_stage.key, 'DONE.json'))
     by_label = dict(zip(sweep['label'], sweep['trial_hash']))
     failing = [label for label in by_label if 'calibrated' in label and 'steps=4' in label][0]
     rerun = [label for label in by_label if 'calibrated' not in label and 'steps=6' in label][0]
     for label in (failing, rerun):
-        os.remove(os.path.join(sweep_stage.trials_dir, by_label[label] + '.json'))
+        os.remove(os.path.join(root, '.trials', by_label[label] + '.json'))
     table = runner.plan.make_plan(s, root)[1].outputs()['tables'][spec.table_key(s.train.total_kimg, 'data', 48)]
     messages = []
 
@@ -297,7 +296,7 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     assert any('2 of 4 trial(s) finished before and reused; 2 to run' in m for m in messages)
     partial = results.read_table(root, 'tiny', 'sweep')
     assert len(partial) == 4 and partial['fid'].notna().sum() == 3
-    assert 'CalibrationError' in partial.set_index('label').loc[failing, 'error']
+    assert 'table-data-48.pt: no such file' in partial.set_index('label').loc[failing, 'error']
     assert partial.set_index('label').loc[rerun, 'fid'] == sweep.set_index('label').loc[rerun, 'fid']  # same seeds
     os.rename(table + '.away', table)
     messages = []
@@ -454,4 +453,4 @@ def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
     assert not left, left
     stage_dirs = glob.glob(str(root / 'tiny' / 'stages' / f'{stage}-*'))
     assert stage_dirs and not any(os.path.exists(os.path.join(d, 'DONE.json')) for d in stage_dirs)
-    assert not (root / 'tiny' / '.lock').exists()
+    assert not (root / 'tiny' / '.lease.json').exists()

@@ -86,7 +86,7 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(train__use_gpu='maybe'), "train.use_gpu: expected auto, true or false, got 'maybe'"),
     (dict(data__name='fashion_mnist'), "data.name: 'fashion_mnist' is not one of: fashion-mnist"),
     (dict(model__preset='ddpmpp-huge'), "model.preset: 'ddpmpp-huge' is not one of"),
-    (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt: no such model file or directory'),
+    (dict(model__checkpoint='/nope/network.pt'), 'model.checkpoint: /nope/network.pt: no such file or directory'),
     (dict(experiment=DELETE), 'experiment: missing'),
     (dict(experiment='has space'), 'experiment: expected a name'),
     (dict(calibrate=DELETE), 'sweep.calibrated: calibrated trials need a `calibrate:` section'),
@@ -151,8 +151,8 @@ def test_dry_run_plan_and_hash_dependencies(tmp_path, capsys):
     stages = plan.make_plan(s, str(tmp_path / 'results'))
     assert [st.name for st in stages] == ['train', 'calibrate', 'reference', 'sweep']
     assert all(not st.done for st in stages)
-    # Tune runs each trial in a folder of its own: where finished trials go must not be relative.
-    assert os.path.isabs(plan.make_plan(s, 'results')[-1].trials_dir)
+    # Tune runs each trial in a folder of its own: the results root trials write to must not be relative.
+    assert os.path.isabs(plan.make_plan(s, 'results')[-1].storage.root)
     # Changing the sweep's evaluation keeps train and calibration; changing training changes all.
     s2 = spec.load(_write(tmp_path, _with(evaluate__num_images=16), 's2.yaml'))
     s3 = spec.load(_write(tmp_path, _with(train__total_kimg=2), 's3.yaml'))
@@ -213,6 +213,9 @@ def test_shipped_specs_validate_and_plan(name, tmp_path, capsys):
             model['checkpoint'] = files[fmt]
         if evaluate.get('reference_stats'):
             evaluate['reference_stats'] = files['stats']
+    if raw['data'].get('root'):  # the dataset a user downloads: an empty stand-in (validation checks it exists)
+        (tmp_path / 'data-root').mkdir()
+        raw['data']['root'] = str(tmp_path / 'data-root')
     s = spec.parse(raw, os.path.join('specs', name))
     assert s.experiment == name[:-len('.yaml')]
     stages = plan.make_plan(s, str(tmp_path))
@@ -361,12 +364,13 @@ def test_every_format_round_trips_through_model_checkpoint(tmp_path):
     files['network.pt'] = str(tmp_path / 'run' / train.NETWORK)
     x = torch.randn(2, 3, 32, 32)
     sigma = torch.tensor([0.5, 5.0], dtype=torch.float64)
+    from orchestrator.train import run_checkpoint_stage
     for fmt in ('network.pt', 'edm-pkl', 'diffusers'):
         if fmt not in files:
             continue  # diffusers not installed (the optional extra)
         s = spec.load(_write(tmp_path, _with(model__checkpoint=files[fmt]), f'{fmt}.yaml'))
         stage = plan.make_plan(s, str(tmp_path / 'results'))[0]
-        outputs = runner._checkpoint(stage, {}, None, runner.RunOptions(log=lambda *a: None))
+        outputs = run_checkpoint_stage(stage, {}, None, runner.RunOptions(log=lambda *a: None))
         assert outputs['format'] == fmt and outputs['sha256'] == checkpoints.sha256_file(files[fmt])
         with torch.no_grad():
             loaded = checkpoints.load_denoiser(outputs['network'], outputs['format'])  # as the stages downstream load it
@@ -448,23 +452,39 @@ def test_requests_the_cluster_cannot_meet_are_refused_naming_the_field():
 
 def test_one_run_per_experiment_at_a_time(tmp_path):
     """A second run of the same experiment is refused naming the first (pid, host, start); the
-    lock of a process that is gone is taken over; the lock goes with the run."""
+    lease of a process gone from this host, or of any host's run not renewed past its expiry, is
+    taken over, saying so; a live lease is renewed; the lease goes with the run."""
+    import json
+    import socket
     import subprocess
     import sys
+    import time
     from orchestrator import results
-    with results.experiment_lock(str(tmp_path), 'exp') as path:
+    said = []
+    with results.experiment_lease(str(tmp_path), 'exp') as path:
         with pytest.raises(results.ExperimentBusy, match=rf"experiment 'exp' is being run by pid {os.getpid()} on .* since "):
-            with results.experiment_lock(str(tmp_path), 'exp'):
+            with results.experiment_lease(str(tmp_path), 'exp'):
                 pass
     assert not os.path.exists(path)
     gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    import json
-    import socket
-    with open(path, 'w') as f:  # left by a run that died
-        json.dump(dict(pid=int(gone.stdout), host=socket.gethostname(), started='earlier'), f)
-    with results.experiment_lock(str(tmp_path), 'exp'):
+    live = dict(pid=int(gone.stdout), host=socket.gethostname(), started='earlier', expires=time.time() + 600)
+    with open(path, 'w') as f:  # left by a run that died on this host, its lease not yet expired
+        json.dump(live, f)
+    with results.experiment_lease(str(tmp_path), 'exp', log=said.append):
         with open(path) as f:
             assert json.load(f)['pid'] == os.getpid()
+    assert said and 'its process is gone' in said[-1]
+    other = dict(pid=1, host='another-host', started='earlier', expires=time.time() + 600)
+    with open(path, 'w') as f:  # a live run on another host
+        json.dump(other, f)
+    with pytest.raises(results.ExperimentBusy, match='being run by pid 1 on another-host'):
+        with results.experiment_lease(str(tmp_path), 'exp'):
+            pass
+    with open(path, 'w') as f:  # the same run, dead: its lease expired
+        json.dump(dict(other, expires=time.time() - 1), f)
+    with results.experiment_lease(str(tmp_path), 'exp', log=said.append):
+        pass
+    assert 'from pid 1 on another-host (not renewed since' in said[-1]
 
 
 def test_cli_results_tables_are_the_stored_tables():

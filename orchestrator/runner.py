@@ -18,7 +18,9 @@ from orchestrator.spec import SpecError, StageFailed, stable_hash
 from orchestrator.storage import Storage, StorageError
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
-RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'runs', '.venv', '.git', '.device']
+# What a driver joining a cluster does not ship as its working_dir: results, environments, Git.
+RUNTIME_ENV_EXCLUDES = ['results/*/stages', 'results/.trials', 'results/inputs', 'runs', '.venv', '.device', '.git',
+                        '__pycache__']
 
 
 @dataclasses.dataclass
@@ -52,11 +54,14 @@ def init_ray(address=None, num_cpus=None, verbose=False):
     if ray.is_initialized():
         return None
     if not address and os.environ.get('RAY_ADDRESS'):
-        ray.init(log_to_driver=verbose)
+        ray.init(log_to_driver=verbose, logging_level='INFO' if verbose else 'WARNING')
         return None
     if address:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES), log_to_driver=verbose)
+        # Ray's own default excludes (.git, ...) are in ours: without this it warns about them on every run.
+        os.environ.setdefault('RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES', '')
+        ray.init(address=address, runtime_env=dict(working_dir=root, excludes=RUNTIME_ENV_EXCLUDES), log_to_driver=verbose,
+                 logging_level='INFO' if verbose else 'WARNING')  # Ray's connection lines only with --verbose
         return None
     # address='local': always a cluster of our own, even when `ray start` left one on this machine.
     # The dashboard (on 127.0.0.1, a free port) serves the State API that Ray Train V2's controller polls.

@@ -28,7 +28,9 @@ def pytest_configure(config):
 @pytest.fixture(scope='session')
 def s3_server():
     """moto's ThreadedMotoServer on 127.0.0.1 (the port pytest_configure chose); stopped at the end."""
+    import logging
     from moto.server import ThreadedMotoServer
+    logging.getLogger('werkzeug').setLevel(logging.WARNING)  # a line per request otherwise
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=int(os.environ['CALIB_EDM_TEST_S3_PORT']), verbose=False)
     server.start()
     yield os.environ['AWS_ENDPOINT_URL']

@@ -4,7 +4,9 @@ namespace (`unshare --mount`), with a tmpfs over the folder that holds the drive
 results root and cache. System paths (Debian's dataset folder, the virtual environment) stay
 shared, as on nodes built from one image. The reduced spec runs there end to end with its
 results on object storage (moto's S3 server on loopback); a local results root is refused up
-front."""
+front. (`ray start` joins a multi-node cluster only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset,
+and then Ray gives its nodes this machine's own address instead of 127.0.0.1: nothing leaves the
+machine.)"""
 import os
 import shutil
 import signal

@@ -17,12 +17,12 @@ import time
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from tqdm import tqdm
 
 from orchestrator import results
 from orchestrator.plan import NOT_HASHED
-from orchestrator.spec import CalibrateSpec, SpecError, StageFailed, cpus_gpus, stable_hash, table_key
+from orchestrator.spec import CalibrateSpec, StageFailed, cpus_gpus, stable_hash, table_key
 from orchestrator.storage import fetch
 from tasks import calibration, checkpoints
 from tasks import data as data_mod
@@ -143,6 +143,10 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
                 storage.write_file(kept(i, s), table.save)
             bar.n = max(bar.n, sum(sizes[j] for j in partial))  # the running actors' work still counts
             bar.refresh()
+        except RayTaskError as e:  # the estimate itself failed (a non-finite D, ...): deterministic, one line
+            bar.close()
+            cause = e.cause if e.cause is not None else e
+            raise StageFailed(f'calibrate ({label}): {str(cause).strip().splitlines()[0]}') from None
         except RayActorError as e:
             log(f'calibrate ({label}): actor {i} was lost ({type(e).__name__}); recomputing its {chunks} chunks on a new actor')
             bar.n = sum(sizes[j] for j in partial)  # what that actor had done is lost
@@ -163,21 +167,12 @@ def run_calibration(model, dataset, spec_calibrate, source, sigmas, meta, log=pr
 def run_calibrate_stage(stage, upstream, dataset, opts):
     """One calibration per model snapshot, each on its own sigma grid (the plan's, as hashed).
     Outputs: {table_key: the table's URI (or path) under the stage's storage}."""
-    where, storage = stage.options['spec_path'], stage.storage
+    storage = stage.storage
     c = CalibrateSpec(**stage.inputs['calibrate'], **{k: v for k, v in stage.options.items() if k in NOT_HASHED['calibrate']})
     snapshots = (upstream.get('train') or upstream['checkpoint'])['snapshots']
     tables = {}
     for key, model in snapshots.items():
-        net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format'])
-        if net.img_channels != dataset.channels or net.img_resolution != dataset.resolution:
-            raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
-                            f'images, the data are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
-                            '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
-        if True in c.per_class_options() and 'generated' in c.sources() and not net.label_dim:
-            raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
-        if net.label_dim and net.label_dim != dataset.num_classes:
-            raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
-                            f'{dataset.num_classes}')
+        net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format'])  # fits: plan.check_inputs
         sigmas = torch.tensor(stage.inputs['sigmas'][key], dtype=torch.float64)
         name = f'{key}: ' if len(snapshots) > 1 else ''
         opts.log(f'calibrate: {name}{len(sigmas)} sigmas (every sigma the calibrated trials will query)')

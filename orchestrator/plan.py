@@ -7,11 +7,12 @@ hashes of the stages it reads, so changing the training config re-runs everythin
 while changing the sweep reuses training and calibration. Finished stages hold a DONE.json under
 <results root>/<experiment>/stages/<stage>-<hash>/ (orchestrator.storage: a path or a URI).
 """
+import inspect
 from dataclasses import asdict, dataclass, field
 
-from orchestrator.spec import sampler_kwargs, snapshot_key, stable_hash, train_config
+from orchestrator.spec import SpecError, sampler_kwargs, snapshot_key, stable_hash, train_config
 from orchestrator.storage import Storage, fetch, input_sha256
-from tasks import calibration, checkpoints, precond
+from tasks import calibration, checkpoints, metrics, precond, samplers
 from tasks import data as data_mod
 
 
@@ -146,6 +147,64 @@ def make_plan(spec, storage):
             [s for s in (model, calibrate, reference) if s is not None], trial_resources=r, max_failures=spec.sweep.max_failures,
             **_options('evaluate', asdict(e)))
     return stages
+
+
+def check_inputs(spec, dataset=None, log=print):
+    """The checks that span fields and files, before any work (`validate`, and `run` before any
+    stage): every snapshot alike, the model's image shape and classes against the data it is
+    calibrated on or measured against and against evaluate.class, KID's subsets against the
+    image counts; the data themselves are loaded (each image decoded) when the spec uses them. One
+    SpecError (or DataError) line each. dataset: the spec's data when already loaded."""
+    where, e, c = spec.path, spec.evaluate, spec.calibrate
+    files = spec.model.checkpoints()
+    models = [checkpoints.load_denoiser(fetch(f), spec.model.format) for f in files]
+    shape = lambda net: f'{net.img_channels}x{net.img_resolution}x{net.img_resolution} images, {net.label_dim} classes'
+    for i, net in enumerate(models[1:], 1):
+        if shape(net) != shape(models[0]):
+            raise SpecError(f'{where}: model.checkpoint[{i}]: {files[i]} takes {shape(net)}; model.checkpoint[0] takes '
+                            f'{shape(models[0])}: the snapshots of one list must be of one model')
+    uses_data = c is not None or (spec.sweep is not None and not e.reference_stats)
+    if dataset is None and (uses_data or not models):  # every image is decoded: a bad file fails here
+        dataset = load_data(*data_inputs(spec.data))
+    label_dim = models[0].label_dim if models else dataset.num_classes if spec.train.cond else 0
+    if models and uses_data:
+        net, what = models[0], 'calibrated on' if c is not None else 'measured against'
+        if (net.img_channels, net.img_resolution) != (dataset.channels, dataset.resolution):
+            raise SpecError(f'{where}: data: the model takes {net.img_channels}x{net.img_resolution}x{net.img_resolution} '
+                            f'images, the data it is {what} are {dataset.channels}x{dataset.resolution}x{dataset.resolution} '
+                            '(set data.resolution / data.pad_to_32, or use the data the model was trained on)')
+        if c is not None and net.label_dim and net.label_dim != dataset.num_classes:
+            raise SpecError(f'{where}: data: the model is conditional on {net.label_dim} classes, {dataset.name} has '
+                            f'{dataset.num_classes}')
+    if c is not None and True in c.per_class_options() and 'generated' in c.sources() and not label_dim:
+        raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
+    if spec.sweep is not None and e.class_idx is not None and not e.class_idx < label_dim:
+        raise SpecError(f'{where}: evaluate.class: {e.class_idx}, but the model has {label_dim} classes'
+                        + (' (it is unconditional)' if not label_dim else f' (0..{label_dim - 1})'))
+    # A sampler's sigma range reaching outside the model's own is clamped to it (EDM's generate.py): said once.
+    said = set()
+    for t in spec.trials():
+        for net in models[:1] or [noise_levels(spec)]:
+            clamped = samplers.clamped_sigma_range(t['sampler'], net, **sampler_kwargs(t))
+            if clamped and clamped not in said:
+                said.add(clamped)
+                show = lambda pair: ', '.join('default' if v is None else f'{v:g}' for v in pair)
+                log(f'sweep: {t["sampler"]} sigma range [{show(clamped[0])}] reaches outside the model\'s '
+                    f'[{net.sigma_min:g}, {net.sigma_max:g}]: sampled on [{show(clamped[1])}] (clamped, as EDM\'s '
+                    'generate.py does)')
+    if spec.sweep is not None and e.kid and min(KID_SUBSET, e.num_images) > e.reference_images:
+        raise SpecError(f'{where}: evaluate.kid: KID compares subsets of min({KID_SUBSET}, num_images) = '
+                        f'{min(KID_SUBSET, e.num_images)} images from each side, but reference_images is '
+                        f'{e.reference_images}: raise reference_images or lower num_images')
+    if spec.sweep is not None and e.precision_recall and min(e.num_images, e.reference_images) <= PR_NEIGHBORHOOD:
+        raise SpecError(f'{where}: evaluate.precision_recall: k-nearest neighbours with k = {PR_NEIGHBORHOOD} need more '
+                        f'than {PR_NEIGHBORHOOD} images on each side (num_images {e.num_images}, reference_images '
+                        f'{e.reference_images})')
+
+
+# What tasks.metrics.evaluate uses: KID on subsets of min(1000, num_images), precision/recall with k = 3.
+KID_SUBSET = inspect.signature(metrics.evaluate).parameters['kid_subset_size'].default
+PR_NEIGHBORHOOD = inspect.signature(metrics.improved_precision_recall).parameters['neighborhood'].default
 
 
 def noise_levels(spec, checkpoint=None):

@@ -208,6 +208,7 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
         if e.reference_images > held:
             raise SpecError(f'{spec.path}: evaluate.reference_images: {e.reference_images} images asked for, but '
                             f'{spec.data.name} {e.reference_split} holds {held}')
+    plan.check_inputs(spec, dataset, log=log)
     check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
         return _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout))

@@ -5,7 +5,7 @@ path and what was expected; unknown keys are errors with a "did you mean".
 
     experiment: quickstart          # name: results go to <results>/<experiment>/
     seed: 0
-    data:      {name, root, split, pad_to_32, resolution, limit}
+    data:      {name, root, split, pad_to_32, resolution, limit, transform}
     model:     {preset, precond, network_overrides, precond_kwargs, checkpoint, format}
     train:     {total_kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, ..., workers, use_gpu}  # = tasks.train.TrainConfig
     calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size, per_class}
@@ -27,7 +27,7 @@ import yaml
 
 from orchestrator.storage import StorageError, fetch, local_path
 from tasks import data as data_mod
-from tasks import checkpoints, metrics, networks, precond
+from tasks import checkpoints, metrics, networks, precond, samplers
 from tasks import train as tasks_train
 
 
@@ -48,6 +48,7 @@ class DataSpec:
     pad_to_32: bool = False
     resolution: Optional[int] = None
     limit: Optional[int] = None
+    transform: Optional[str] = None        # center-crop: image files of any shape -> resolution x resolution (EDM dataset_tool)
 
 
 @dataclass
@@ -371,6 +372,13 @@ def _validate(spec, path):
     _choice(path, 'data.name', d.name, data_mod.DATASETS)
     _choice(path, 'data.split', d.split, ('train', 'test'))
     _positive(path, 'data.resolution', d.resolution)
+    if d.transform is not None:
+        _choice(path, 'data.transform', d.transform, data_mod.TRANSFORMS)
+        if d.name not in ('image-folder', 'edm-dataset'):
+            _fail(path, 'data.transform', f'applies to image files (data.name: image-folder or edm-dataset), not {d.name}')
+        if d.resolution is None:
+            _fail(path, 'data.transform', f'{d.transform} needs data.resolution (the size every image is made), as EDM\'s '
+                                          'dataset_tool does')
     _positive(path, 'data.limit', d.limit)
     _choice(path, 'model.preset', m.preset, sorted(networks.PRESETS))
     _choice(path, 'model.precond', m.precond, list(precond.PRECONDS))
@@ -439,10 +447,16 @@ def _validate(spec, path):
             if not isinstance(entry, dict) or 'sampler' not in entry:
                 _fail(path, where, 'expected a mapping with `sampler:` (edm, ablation or dpm_solver)')
             _choice(path, f'{where}.sampler', entry['sampler'], list(SAMPLER_PARAMS))
-            for key in entry:
+            for key, value in entry.items():
                 if key != 'sampler' and key not in SAMPLER_PARAMS[entry['sampler']]:
                     valid = sorted(SAMPLER_PARAMS[entry['sampler']])
                     _fail(path, f'{where}.{key}', f'not a parameter of {entry["sampler"]}{_did_you_mean(key, valid)}; valid: {", ".join(valid)}')
+                if key != 'sampler' and isinstance(value, list) and not value:
+                    _fail(path, f'{where}.{key}', 'empty list: give at least one value')
+                for j, v in enumerate(value if isinstance(value, list) else [value]):
+                    problem = key != 'sampler' and samplers.check_setting(key, v)
+                    if problem:
+                        _fail(path, f'{where}.{key}' + (f'[{j}]' if isinstance(value, list) else ''), problem)
         for i, value in enumerate(s.calibrated):
             if not isinstance(value, bool):
                 _fail(path, f'sweep.calibrated[{i}]', f'expected true or false, got {value!r}')
@@ -478,10 +492,12 @@ def _check_trials(spec, path):
     if spec.model.precond == 'edm':
         stand_in.sigma_min, stand_in.sigma_max = 0.0, float('inf')
     for i, trial in enumerate(spec.trials()):
+        settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
         try:
+            samplers.check_settings(trial['sampler'], **sampler_kwargs(trial))  # each setting against the others
             calibration.queried_sigmas(trial['sampler'], stand_in, **sampler_kwargs(trial))
         except (ValueError, TypeError) as e:
-            _fail(path, 'sweep.samplers', f'trial {i} {trial} is invalid: {e}')
+            _fail(path, f'sweep.samplers: trial {i} ({trial["sampler"]} {settings})', str(e))
 
 
 def json_schema():

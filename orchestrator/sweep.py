@@ -23,7 +23,7 @@ from orchestrator import results
 from orchestrator.plan import TRIALS, load_data, trial_hashes
 from orchestrator.spec import cpus_gpus, sampler_kwargs, snapshot_key, table_key
 from orchestrator.storage import fetch, stage_input
-from tasks import calibration, checkpoints, metrics
+from tasks import calibration, checkpoints, metrics, samplers
 
 
 def describe_trial(trial):
@@ -60,9 +60,15 @@ def _trial(config):
     weights = metrics.resolve_inception_weights(ctx['inception_weights'] and fetch(*ctx['inception_weights']))
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
-    result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
-                              batch_size=ctx['batch_size'], device=device, kid=ctx['kid'], precision_recall=ctx['precision_recall'],
-                              class_idx=ctx['class_idx'], **sampler_kwargs(trial))
+    try:
+        result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
+                                  batch_size=ctx['batch_size'], device=device, kid=ctx['kid'],
+                                  precision_recall=ctx['precision_recall'], class_idx=ctx['class_idx'], **sampler_kwargs(trial))
+    except samplers.NonFiniteSamples as e:
+        # Deterministic (the same seeds give the same NaN): reported, not raised, so Tune does not
+        # retry it; the driver gives it an error row and the run fails naming it. No row is kept.
+        tune.report(dict(error=f'{type(e).__name__}: {e}'))
+        return
     row = dict(trial_row(trial), trial_hash=item['hash'],
                **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
@@ -94,6 +100,10 @@ class _ProgressBar(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        error = (trial.last_result or {}).get('error')
+        if error:  # it reported its own (deterministic) failure
+            self.failed += 1
+            self._say(trial, f'failed, not retried (the same seeds would fail the same way): {error}')
         self._step()
 
     def on_trial_recover(self, iteration, trials, trial, **info):  # failed, to be retried: waiting again
@@ -172,6 +182,8 @@ def run_sweep(trials, hashes, context, resources, storage_path, max_failures=1, 
             if result.error is not None:
                 text = str(result.error).strip().splitlines()
                 errors[result.config['item']['hash']] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
+            elif (result.metrics or {}).get('error'):  # a trial that reported its own failure (not retried)
+                errors[result.config['item']['hash']] = result.metrics['error']
         if stalled.stalled:
             ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
             log(f'sweep: no progress for {stall_timeout:g} s: trials wait for a worker ({ask} each); the cluster has '

@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 
 from orchestrator import results
-from orchestrator.spec import snapshot_key
+from orchestrator.spec import StageFailed, snapshot_key
 from orchestrator.storage import fetch, stage_input
 from tasks import checkpoints
 from tasks import train as tasks_train
@@ -122,6 +122,8 @@ def _train_worker(config):
         tasks_train.train(train_config, dataset, run_dir, device=device, resume=True,
                           progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
                           wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+    except tasks_train.NonFiniteLoss as e:  # deterministic: reported (every rank at once), not retried by Ray Train
+        ray.train.report(dict(error=str(e)))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -212,6 +214,8 @@ def run_train_stage(stage, upstream, dataset, opts):
         ray.kill(board)
     if result.error is not None:
         raise result.error
+    if (result.metrics or {}).get('error'):
+        raise StageFailed(result.metrics['error'])
     with result.checkpoint.as_directory() as d:
         storage.upload(os.path.join(d, tasks_train.NETWORK), f'{key}/{tasks_train.NETWORK}')
     snapshots = {config.total_kimg: tasks_train.NETWORK}

@@ -34,6 +34,31 @@ class CalibrationError(ValueError):
     """A calibration table does not fit the model, data or sampler it is used with."""
 
 
+def check_sigmas(sigmas, name='sigmas', scalar_ok=False):
+    """Noise levels as a 1-D float64 CPU tensor. Accepted: a non-empty 1-D list / tensor / array
+    of positive finite numbers, or one number where a single sigma is taken (scalar_ok). Zero,
+    negative, NaN, inf, empty or 2-D: ValueError naming the argument."""
+    expected = f'{name}: expected {"a positive finite number or " if scalar_ok else ""}a non-empty 1-D sequence of positive finite numbers'
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f'{expected}, got {type(sigmas).__name__}') from None
+    if s.ndim > 1 or s.ndim == 0 and not scalar_ok or s.numel() == 0:
+        raise ValueError(f'{expected}, got shape {list(s.shape)}')
+    s = s.flatten().cpu()
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bad.any():
+        raise ValueError(f'{expected}, got {float(s[bad][0]):g}')
+    return s
+
+
+def _image_shape(net):
+    """(C, R, R) of the images the net denoises, or None when it does not say."""
+    if hasattr(net, 'img_channels') and hasattr(net, 'img_resolution'):
+        return (net.img_channels, net.img_resolution, net.img_resolution)
+    return None
+
+
 def fingerprint(net):
     """sha256 identifying a denoiser: its class and parameters/buffers (or an oracle's data)."""
     h = hashlib.sha256(type(net).__name__.encode())
@@ -57,9 +82,9 @@ class CalibrationTable:
     """
 
     def __init__(self, sigmas, shape, num_classes=0, meta=None):
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-        if len(sigmas) == 0 or not torch.all(sigmas[1:] > sigmas[:-1]) or not torch.all(sigmas > 0):
-            raise ValueError('sigmas must be positive and strictly increasing')
+        sigmas = check_sigmas(sigmas, scalar_ok=True)
+        if not torch.all(sigmas[1:] > sigmas[:-1]):
+            raise ValueError(f'sigmas: expected a strictly increasing grid (sorted, no repeats), got {sigmas.tolist()[:8]}')
         self.sigmas, self.shape, self.num_classes = sigmas, tuple(shape), int(num_classes)
         G, K = max(self.num_classes, 1), len(sigmas)
         self.sum_D = torch.zeros(G, K, *self.shape, dtype=torch.float64)
@@ -72,7 +97,17 @@ class CalibrationTable:
     # -- accumulation --------------------------------------------------------------------------
 
     def add(self, k, D, y, labels=None):
-        """Add a batch evaluated at grid point k: denoised D and clean y, [B, *shape]."""
+        """Add a batch evaluated at grid point k: denoised D and clean y, [B, *shape]. labels (used
+        by a per-class table only): B class indices in [0, num_classes) or a [B, num_classes]
+        one-hot tensor (samplers.check_class_labels)."""
+        if self.num_classes:
+            if labels is None:
+                raise ValueError(f'labels: a per-class table ({self.num_classes} classes) needs the batch\'s labels')
+            labels = samplers_mod.check_class_labels(labels, len(D), self.num_classes, one_hot=False, name='labels')
+        self._add(k, D, y, labels)
+
+    def _add(self, k, D, y, labels=None):
+        """add() without the label check (estimate_table checks its labels once)."""
         D, y = D.detach().to('cpu', torch.float64), y.detach().to('cpu', torch.float64)
         g = torch.zeros(D.shape[0], dtype=torch.long) if self.num_classes == 0 else torch.as_tensor(labels).long().cpu()
         self.sum_D[:, k].index_add_(0, g, D)
@@ -125,8 +160,9 @@ class CalibrationTable:
 
     def index_of(self, sigma, context=''):
         """Grid indices of the given sigmas (exact match within SIGMA_RTOL), or a CalibrationError
-        naming the sigma, the nearest grid point and who asked."""
-        s = torch.as_tensor(sigma, dtype=torch.float64).flatten().cpu()
+        naming the sigma, the nearest grid point and who asked. sigma: one positive finite number or
+        a 1-D sequence of them (check_sigmas)."""
+        s = check_sigmas(sigma, 'sigma', scalar_ok=True)
         idx = torch.searchsorted(self.sigmas, s).clamp(0, len(self.sigmas) - 1)
         lower = (idx - 1).clamp(min=0)
         idx = torch.where((self.sigmas[lower] - s).abs() < (self.sigmas[idx] - s).abs(), lower, idx)
@@ -141,11 +177,16 @@ class CalibrationTable:
         return idx
 
     def lookup(self, sigma, class_labels=None, interpolate=False, context=''):
-        """c(sigma) for a scalar or per-image sigma: [B or 1, *shape] float64. Per-class offsets
-        when the table has classes and one-hot class_labels are given; pooled otherwise."""
+        """c(sigma) for a scalar or per-image sigma [B] (check_sigmas): [B or 1, *shape] float64.
+        Per-class offsets when the table has classes and class_labels are given (B class indices
+        in [0, num_classes) or a [B, num_classes] one-hot tensor: samplers.check_class_labels,
+        B = the number of sigmas unless one); pooled otherwise (class_labels then unused)."""
         per_class = self.num_classes > 0 and class_labels is not None
+        s = check_sigmas(sigma, 'sigma', scalar_ok=True)
+        if per_class:  # checked on the CPU: one transfer, as the lookup always made
+            labels = class_labels.cpu() if isinstance(class_labels, torch.Tensor) else class_labels
+            g = samplers_mod.check_class_labels(labels, None if len(s) == 1 else len(s), self.num_classes, one_hot=False)
         c = self.offset(per_class)  # [G, K, *shape]
-        s = torch.as_tensor(sigma, dtype=torch.float64).flatten().cpu()
         if interpolate:
             ls, grid = s.log(), self.sigmas.log()
             if (ls < grid[0] - 1e-12).any() or (ls > grid[-1] + 1e-12).any():
@@ -158,7 +199,6 @@ class CalibrationTable:
         else:
             values = c[:, self.index_of(s, context)]
         if per_class:
-            g = torch.as_tensor(class_labels).reshape(len(class_labels), -1).argmax(1).cpu()
             return values[g, torch.arange(len(g)) if values.shape[1] > 1 else torch.zeros_like(g)]
         return values[0]
 
@@ -199,6 +239,8 @@ class CalibrationTable:
         for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
             if tuple(s[name].shape) != tuple(getattr(t, name).shape):
                 raise CalibrationError(f'{origin}: {name} has shape {tuple(s[name].shape)}, expected {tuple(getattr(t, name).shape)}')
+            if not torch.isfinite(s[name]).all():  # a table that would subtract NaN from every denoised image
+                raise CalibrationError(f'{origin}: {name} holds NaN or infinite values; not a usable calibration table')
             setattr(t, name, s[name])
         t.chunks = set(s['chunks'])
         return t
@@ -222,10 +264,19 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
     mirrored image too). batch_size only splits the work: the table does not depend on it.
     A conditional net (label_dim > 0) sees each image's own label, one-hot; the table keeps
     per-class sums only when num_classes > 0 (Calib Sec. 3.2), else the pooled term.
-    progress shows a tqdm bar; on_step(images) is called after each (chunk, sigma)."""
-    label_dim = getattr(net, 'label_dim', 0) or num_classes
+    progress shows a tqdm bar; on_step(images) is called after each (chunk, sigma).
+    images: samplers.check_images (float: |x| <= 5, the net's (C, R, R) when it says); sigmas:
+    check_sigmas; labels: N class indices or an [N, C] one-hot tensor (samplers.check_class_labels,
+    C = the net's label_dim or num_classes; checked but unused for a pooled unconditional table)."""
+    net_classes = getattr(net, 'label_dim', 0)
+    if net_classes and num_classes and num_classes != net_classes:
+        raise ValueError(f'num_classes: expected the model\'s {net_classes} classes (label_dim) or 0 (pooled), got {num_classes}')
+    label_dim = net_classes or num_classes
     if label_dim and labels is None:
         raise ValueError(f'the model is conditional ({label_dim} classes): calibration needs the images\' labels')
+    images = samplers_mod.check_images(images, shape=_image_shape(net))
+    sigmas = check_sigmas(sigmas, scalar_ok=True)
+    labels = samplers_mod.check_class_labels(labels, len(images), label_dim or None, one_hot=False, name='labels')
     images_f = data_mod.as_model_range(images)
     shape = tuple(images_f.shape[1:])
     chunks = data_mod.partition(len(images_f), chunk_size)
@@ -240,7 +291,7 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
     for c in chunk_indices:
         rows = chunks[c]
         y = images_f[rows.start:rows.stop]
-        lab = None if labels is None else torch.as_tensor(labels)[rows.start:rows.stop]
+        lab = None if labels is None else labels[rows.start:rows.stop]
         if flips:
             y, lab = torch.cat([y, y.flip(-1)]), None if lab is None else torch.cat([lab, lab])
         y = y.repeat_interleave(noise_draws, 0)
@@ -256,7 +307,10 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
                 lb = None if onehot is None else onehot[b:b + batch_size].to(device)
                 with torch.no_grad():
                     D = net(xb, torch.full((len(xb),), sigma, dtype=torch.float64, device=device), lb)
-                table.add(k, D, yb, None if lab is None else lab[b:b + batch_size])
+                if not torch.isfinite(D).all():  # a NaN would poison every mean of this sigma
+                    raise CalibrationError(f'the denoiser returned non-finite values at sigma {sigma:g} for images '
+                                           f'{rows.start}..{rows.stop - 1} (chunk {c}); no table is made from them')
+                table._add(k, D, yb, None if lab is None else lab[b:b + batch_size])
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
@@ -272,8 +326,11 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
 def generated_dataset(net, num_images, sampler='edm', seeds=None, batch_size=64, device='cpu', **sampler_kwargs):
     """num_images samples of `net` as a uint8 ImageDataset (quantized as saved images), for
     calibration on generated data (Calib Table 4, right). Seeds default to 0..N-1. A conditional
-    net's samples carry the class each seed drew (samplers.generate)."""
-    seeds = list(range(num_images)) if seeds is None else list(seeds)
+    net's samples carry the class each seed drew (samplers.generate). seeds: num_images of them
+    (samplers.check_seeds)."""
+    seeds = list(range(num_images)) if seeds is None else samplers_mod.check_seeds(seeds)
+    if len(seeds) != num_images:
+        raise ValueError(f'seeds: expected num_images = {num_images} seeds, got {len(seeds)}')
     images, _, labels = samplers_mod.generate(net, seeds, sampler, batch_size=batch_size, device=device,
                                               return_labels=True, **sampler_kwargs)
     label_dim = getattr(net, 'label_dim', 0)
@@ -302,9 +359,13 @@ class CalibratedDenoiser:
         return self.net.round_sigma(sigma)
 
     def offset(self, sigma, class_labels=None):
+        """c(sigma): sigma one number or [B]; class_labels B class indices or a [B, C] one-hot
+        tensor (CalibrationTable.lookup; an OffsetNet with classes gets them as one-hot)."""
         class_labels = class_labels if self.per_class else None
         if isinstance(self.calibration, CalibrationTable):
             return self.calibration.lookup(sigma, class_labels, self.interpolate, self.context)
+        if getattr(self.calibration, 'num_classes', 0):
+            class_labels = samplers_mod.check_class_labels(class_labels, None, self.calibration.num_classes)
         return self.calibration.offset(sigma, class_labels)
 
     def __call__(self, x, sigma, class_labels=None):
@@ -394,8 +455,11 @@ def queried_sigmas(sampler, net, **sampler_kwargs):
 
 
 def union_sigmas(*grids):
-    """Union of sigma grids, sorted, with values equal within SIGMA_RTOL merged."""
-    s = torch.sort(torch.cat([torch.as_tensor(g, dtype=torch.float64).flatten() for g in grids])).values
+    """Union of sigma grids (each 1-D or one number, positive and finite: check_sigmas), sorted,
+    with values equal within SIGMA_RTOL merged."""
+    if not grids:
+        raise ValueError('sigmas: union_sigmas needs at least one sigma grid')
+    s = torch.sort(torch.cat([check_sigmas(g, f'sigmas (grid {i})', scalar_ok=True) for i, g in enumerate(grids)])).values
     keep = torch.ones(len(s), dtype=torch.bool)
     keep[1:] = (s[1:] - s[:-1]) > SIGMA_RTOL * s[1:]
     return s[keep]
@@ -456,8 +520,8 @@ def offset_mse(offset_net, table):
 def fit_offset_net(net, images, steps=500, batch_size=128, lr=1e-3, P_mean=-1.2, P_std=1.2, seed=0, device='cpu',
                    offset_net=None):
     """Post-hoc dynamic recording on a frozen denoiser: sigma ~ logN(P_mean, P_std^2) (EDM's
-    training distribution), y from `images` (uint8 or model range)."""
-    images_f = data_mod.as_model_range(images)
+    training distribution), y from `images` (uint8 or model range: samplers.check_images)."""
+    images_f = data_mod.as_model_range(samplers_mod.check_images(images, shape=_image_shape(net)))
     h = offset_net or OffsetNet(images_f.shape[1:])
     recorder = DynamicRecorder(h.to(device), lr)
     g = torch.Generator().manual_seed(seed)

@@ -17,7 +17,10 @@ label_dim (tasks.precond). Formats (`load_denoiser(path, format=None)` detects t
   diffusers   a diffusers `UNet2DModel` saved with save_pretrained (e.g. a local copy of
               google/ddpm-cifar10-32) and its DDPM scheduler config, through the optional
               `diffusers` package (weights from safetensors, or .bin read with weights_only), as
-              a discrete-time VP model (precond.VPModelDenoiser).
+              a discrete-time VP model (precond.VPModelDenoiser) whose noise levels, time input
+              (the training-step index, from num_train_timesteps) and prediction type are the
+              saved scheduler config's; a key or value whose meaning the loader does not
+              reproduce is refused by name (_diffusers_scheduler, _check_unet_config).
 """
 import io
 import json
@@ -235,19 +238,107 @@ def _load_edm_pkl(path):
 # diffusers UNet2DModel directories
 
 DIFFUSERS_PREDICTIONS = {'epsilon': 'noise', 'sample': 'data', 'v_prediction': 'v'}
+# Scheduler classes that sample a model trained as DDPM: the network is trained at step
+# n = 0..N-1 on x_n = sqrt(alphas_cumprod[n]) x_0 + sqrt(1 - alphas_cumprod[n]) eps with time input
+# n. Each is rebuilt from the saved config by diffusers itself, so its alphas_cumprod is exact.
+DIFFUSERS_SCHEDULERS = ('DDPMScheduler', 'DDIMScheduler', 'PNDMScheduler')
+# The scheduler config keys that define the noise levels and the output (read through the scheduler).
+_SCHEDULE_KEYS = {'num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule', 'trained_betas', 'prediction_type',
+                  'variance_type'}
+# Keys that only say how a sampler walks the training steps (which steps, with what offset,
+# x_0 clipping, the last alpha, the variance of a stochastic step): D(x; sigma) is the network's
+# own prediction at any sigma, and the training step of a level is n whatever they say.
+_SAMPLER_KEYS = {'timestep_spacing', 'steps_offset', 'clip_sample', 'clip_sample_range', 'sample_max_value',
+                 'dynamic_thresholding_ratio', 'set_alpha_to_one', 'skip_prk_steps', 'tensor_format',
+                 '_class_name', '_diffusers_version'}
+# Settings that change the model or its use in a way the wrapper does not reproduce: refused when on.
+_REFUSED_WHEN_SET = {
+    'thresholding': 'dynamic thresholding rewrites x_0 at every step, which a denoiser D(x; sigma) does not do',
+    'rescale_betas_zero_snr': 'zero terminal SNR puts the last training step at infinite sigma, which the '
+                              'VP wrapper drops (its clip) instead of sampling from it',
+}
 
 
 class DiffusersUNet(torch.nn.Module):
     """model(x_t, t_input, class_labels) around a diffusers UNet2DModel; one-hot labels become
-    the class indices diffusers expects."""
+    the class indices diffusers expects. A UNet that also predicts its variance (2 x channels,
+    variance_type learned / learned_range) gives its first `out_channels` channels."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, out_channels):
         super().__init__()
-        self.unet = unet
+        self.unet, self.out_channels = unet, out_channels
 
     def forward(self, x_t, t_input, class_labels=None):
         labels = None if class_labels is None else class_labels.argmax(dim=1)
-        return self.unet(x_t, t_input, class_labels=labels).sample
+        return self.unet(x_t, t_input, class_labels=labels).sample[:, :self.out_channels]
+
+
+def _first_line(e):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _read_json(file):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f'{file}: cannot read as JSON ({_first_line(e)})') from None
+
+
+def _diffusers_scheduler(diffusers, scheduler_file):
+    """The scheduler saved in `scheduler_file`, rebuilt by diffusers, after checking that every
+    key is one whose meaning for D(x; sigma) is known (one CheckpointError line otherwise)."""
+    config = _read_json(scheduler_file)
+    class_name = config.get('_class_name', 'DDPMScheduler')
+    if class_name not in DIFFUSERS_SCHEDULERS:
+        raise CheckpointError(f'{scheduler_file}: _class_name {class_name!r}: its time conditioning is not the DDPM one '
+                              f'this loader reproduces ({", ".join(DIFFUSERS_SCHEDULERS)})')
+    for key, value in config.items():
+        if key not in _SCHEDULE_KEYS | _SAMPLER_KEYS | set(_REFUSED_WHEN_SET):
+            raise CheckpointError(f'{scheduler_file}: unknown key {key!r} (= {value!r}): refused rather than ignored')
+        if key in _REFUSED_WHEN_SET and value:
+            raise CheckpointError(f'{scheduler_file}: {key} = {value!r} is not supported: {_REFUSED_WHEN_SET[key]}')
+    try:
+        scheduler = getattr(diffusers, class_name).from_config(config)
+    except NotImplementedError:  # diffusers' answer to a beta_schedule it does not build
+        raise CheckpointError(f'{scheduler_file}: beta_schedule {config.get("beta_schedule")!r} is not one '
+                              f'{class_name} builds') from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f'{scheduler_file}: cannot build {class_name} from it ({_first_line(e)})') from None
+    N = scheduler.config.num_train_timesteps
+    if len(scheduler.alphas_cumprod) != N:
+        raise CheckpointError(f'{scheduler_file}: trained_betas has {len(scheduler.alphas_cumprod)} values but '
+                              f'num_train_timesteps = {N}')
+    if scheduler.config.prediction_type not in DIFFUSERS_PREDICTIONS:
+        raise CheckpointError(f'{scheduler_file}: prediction_type {scheduler.config.prediction_type!r} is not one of '
+                              f'{", ".join(DIFFUSERS_PREDICTIONS)}')
+    return scheduler
+
+
+# UNet2DModel config keys that decide what conditioning the network takes: the one value
+# DiffusersUNet handles, and why.
+_UNET_CONDITIONING = {
+    '_class_name': ('UNet2DModel', 'the wrapper gives the network x_t, a time input and class indices, no text'),
+    'time_embedding_type': ('positional', 'the time input is a fractional training-step index'),
+    'class_embed_type': (None, 'class labels are given as indices of num_class_embeds'),
+}
+
+
+def _check_unet_config(config_file, variance_type):
+    """The UNet's own conditioning must be what DiffusersUNet feeds it: a positional embedding of the
+    time input and, if any, class indices."""
+    config = _read_json(config_file)
+    for key, (handled, why) in _UNET_CONDITIONING.items():
+        if config.get(key, handled) != handled:
+            raise CheckpointError(f'{config_file}: {key} {config[key]!r} is not supported (only {handled!r}: {why})')
+    size = config.get('sample_size')
+    if isinstance(size, (list, tuple)) and len(set(size)) != 1:
+        raise CheckpointError(f'{config_file}: sample_size {size!r}: only square images are supported')
+    in_channels, out_channels = config.get('in_channels', 3), config.get('out_channels', 3)
+    learned = variance_type in ('learned', 'learned_range')
+    if out_channels != in_channels * (2 if learned else 1):
+        raise CheckpointError(f'{config_file}: out_channels {out_channels} with in_channels {in_channels} and the '
+                              f"scheduler's variance_type {variance_type!r}: expected {in_channels * (2 if learned else 1)}")
 
 
 def _load_diffusers(path):
@@ -261,21 +352,18 @@ def _load_diffusers(path):
     if scheduler_file is None:
         raise CheckpointError(f'{path}: no scheduler_config.json (or scheduler/scheduler_config.json): the noise schedule '
                               'of the model is needed to turn it into a denoiser')
+    scheduler = _diffusers_scheduler(diffusers, scheduler_file)
+    _check_unet_config(os.path.join(path, sub, 'config.json'), scheduler.config.get('variance_type'))
     try:
-        with open(scheduler_file) as f:
-            scheduler_config = json.load(f)
         unet = diffusers.UNet2DModel.from_pretrained(path, subfolder=sub or None, low_cpu_mem_usage=False)
-        # diffusers' own betas for the config (linear, scaled_linear, squaredcos_cap_v2, trained_betas, ...)
-        scheduler = diffusers.DDPMScheduler.from_config(scheduler_config)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path}: cannot load the diffusers UNet2DModel and its scheduler ({first})') from None
-    kind = scheduler.config.prediction_type
-    if kind not in DIFFUSERS_PREDICTIONS:
-        raise CheckpointError(f'{path}: {scheduler_file}: prediction_type {kind!r} is not one of {", ".join(DIFFUSERS_PREDICTIONS)}')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{path}: cannot load the diffusers UNet2DModel ({_first_line(e)})') from None
+    # The noise levels are the scheduler's own alphas_cumprod (float32 in diffusers), sigma in float64;
+    # the time input follows its num_train_timesteps (precond.VPModelDenoiser).
     noise_schedule = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64))
-    net = precond.VPModelDenoiser(DiffusersUNet(unet), noise_schedule, prediction=DIFFUSERS_PREDICTIONS[kind],
-                                  discrete_time=True)
+    net = precond.VPModelDenoiser(DiffusersUNet(unet, unet.config.in_channels), noise_schedule,
+                                  prediction=DIFFUSERS_PREDICTIONS[scheduler.config.prediction_type], discrete_time=True,
+                                  num_train_timesteps=scheduler.config.num_train_timesteps)
     size = unet.config.sample_size
     net.img_resolution = size if isinstance(size, int) else size[0]
     net.img_channels = unet.config.in_channels

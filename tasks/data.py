@@ -214,33 +214,54 @@ def decode_image(source, name):
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _decode_all(what, sources):
+TRANSFORMS = ('center-crop',)
+
+
+def center_crop(arr, resolution):
+    """EDM dataset_tool's --transform=center-crop: the centred square of the shorter side, resized
+    to resolution x resolution with PIL's Lanczos filter. arr: uint8 [H, W, C]."""
+    import PIL.Image
+    h, w = arr.shape[:2]
+    crop = min(h, w)
+    arr = arr[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+    img = PIL.Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    out = np.asarray(img.resize((resolution, resolution), PIL.Image.LANCZOS))
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def _decode_all(what, sources, transform=None, resolution=None):
     """Decode every (name, path or file object) of `sources` into one uint8 [N, C, R, R] tensor.
     Images must be square (the networks take square images, and data.resolution only resizes
-    square ones) and share one size (never silently reshaped). If any image is colour, all
-    become RGB (greyscale replicated to 3 channels); else all stay 1-channel L."""
+    square ones) and share one size (never silently reshaped), unless a transform is named
+    (transform='center-crop' with a resolution: each image cropped and resized as EDM's
+    dataset_tool does). If any image is colour, all become RGB (greyscale replicated to 3
+    channels); else all stay 1-channel L."""
+    if transform is not None and (transform not in TRANSFORMS or not resolution):
+        raise DataError(f'{what}: transform {transform!r} needs one of {", ".join(TRANSFORMS)} and a resolution')
     arrays, first = [], None
     for name, source in sources:
         arr = decode_image(source, f'{what}: {name}')
+        if transform == 'center-crop':
+            arr = center_crop(arr, resolution)
         h, w = arr.shape[:2]
         if h != w:
             raise DataError(f'{what}: {name} is {w}x{h}, not square; the networks take square images '
-                            f'and data.resolution only resizes square images')
+                            f'(name a transform: data.transform: center-crop, with data.resolution)')
         if first is None:
             first = (name, w)
         elif w != first[1]:
             raise DataError(f'{what}: {name} is {w}x{w}, but {first[0]} is {first[1]}x{first[1]}; '
-                            f'all images must match in size')
+                            f'all images must match in size (or name a transform: data.transform: center-crop)')
         arrays.append(arr)
     if any(a.shape[2] == 3 for a in arrays):
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_image_folder(root, extensions=None):
+def load_image_folder(root, extensions=None, transform=None, resolution=None):
     """All images under `root` (sorted by path; default: every extension PIL opens), decoded by
-    decode_image into one size and channel count; the label is the index of the image's
-    first-level subfolder (sorted; 0 for images directly in root)."""
+    decode_image into one size and channel count (_decode_all: transform); the label is the index
+    of the image's first-level subfolder (sorted; 0 for images directly in root)."""
     _check_dir(root, 'image-folder', 'give a directory of images')
     extensions = tuple(extensions or image_extensions())
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.lower().endswith(extensions))
@@ -249,7 +270,7 @@ def load_image_folder(root, extensions=None):
     rels = [os.path.relpath(p, root).split(os.sep) for p in paths]
     classes = sorted({rel[0] for rel in rels if len(rel) > 1})
     labels = [classes.index(rel[0]) if len(rel) > 1 else 0 for rel in rels]
-    images = _decode_all('image-folder', ((p, p) for p in paths))
+    images = _decode_all('image-folder', ((p, p) for p in paths), transform, resolution)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), 'image-folder', max(len(classes), 1))
 
 
@@ -291,7 +312,7 @@ def _read_member(zf, root, name):
         raise DataError(f'edm-dataset: {root}: cannot read member {name} ({type(e).__name__}: {_one_line(e)})') from None
 
 
-def load_edm_dataset(root):
+def load_edm_dataset(root, transform=None, resolution=None):
     """A dataset as NVlabs/edm's dataset_tool.py writes it: a .zip file or a folder of images
     (any nesting, every extension PIL opens, sorted by their '/'-separated path inside root) and
     an optional top-level dataset.json {"labels": [[path, class], ...] or null}. Without labels
@@ -302,7 +323,7 @@ def load_edm_dataset(root):
         def where(rel):
             return os.path.join(root, *rel.split('/'))
         rels = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, '/') for d, _, files in os.walk(root) for f in files)
-        return _edm_dataset(root, rels, lambda rel: _read_file(where(rel)), where)
+        return _edm_dataset(root, rels, lambda rel: _read_file(where(rel)), where, transform, resolution)
     if not os.path.isfile(root):
         raise DataError(f'edm-dataset: {root} does not exist; {EDM_HINT}')
     try:
@@ -311,10 +332,11 @@ def load_edm_dataset(root):
         raise DataError(f'edm-dataset: {root}: not a readable zip file, or a truncated one ({_one_line(e)}); {EDM_HINT}') from None
     with zf:
         rels = sorted(n for n in zf.namelist() if not n.endswith('/'))
-        return _edm_dataset(root, rels, lambda rel: _read_member(zf, root, rel), lambda rel: f'{root}:{rel}')
+        return _edm_dataset(root, rels, lambda rel: _read_member(zf, root, rel), lambda rel: f'{root}:{rel}', transform,
+                            resolution)
 
 
-def _edm_dataset(root, rels, read, where):
+def _edm_dataset(root, rels, read, where, transform=None, resolution=None):
     """The EDM dataset of the files `rels` ('/'-separated relative paths) that read(rel) gives
     as bytes; where(rel) names a file in errors."""
     import io
@@ -330,7 +352,7 @@ def _edm_dataset(root, rels, read, where):
         except (ValueError, TypeError, KeyError) as e:
             raise DataError(f'edm-dataset: {where("dataset.json")}: not a JSON object with "labels" ({_one_line(e)})') from None
     labels, num_classes = _edm_labels(labels_json, names, where('dataset.json'))
-    images = _decode_all('edm-dataset', ((where(n), io.BytesIO(read(n))) for n in names))
+    images = _decode_all('edm-dataset', ((where(n), io.BytesIO(read(n))) for n in names), transform, resolution)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), 'edm-dataset', num_classes)
 
 
@@ -402,9 +424,13 @@ def default_root(name):
     return FASHION_MNIST_DIR if name == 'fashion-mnist' else None
 
 
-def load_dataset(name, root=None, split='train', pad_to_32=False, resolution=None, limit=None):
+def load_dataset(name, root=None, split='train', pad_to_32=False, resolution=None, limit=None, transform=None):
     """A dataset by name, prepared (padding, resizing) and optionally cut to its first `limit`
-    images."""
+    images. transform ('center-crop', image folders and EDM datasets only) makes images of any
+    shape square at `resolution`, as EDM's dataset_tool does."""
+    if transform is not None and name not in ('image-folder', 'edm-dataset'):
+        raise DataError(f'{name}: data.transform applies to image files (image-folder, edm-dataset); {name} images '
+                        'are square already')
     if name == 'fashion-mnist':
         ds = load_fashion_mnist(root, split)
     elif name == 'mnist':
@@ -414,11 +440,11 @@ def load_dataset(name, root=None, split='train', pad_to_32=False, resolution=Non
     elif name == 'cifar10-npz':
         ds = load_cifar10_npz(root or '', split)
     elif name == 'image-folder':
-        ds = load_image_folder(root or '')
+        ds = load_image_folder(root or '', transform=transform, resolution=resolution)
     elif name == 'edm-dataset':
         if split == 'test':
             raise DataError('edm-dataset: an EDM dataset has one split (its zip or folder); use split: train')
-        ds = load_edm_dataset(root or '')
+        ds = load_edm_dataset(root or '', transform=transform, resolution=resolution)
     else:
         raise ValueError(f'unknown dataset {name!r}; valid: {", ".join(DATASETS)}')
     if limit is not None:

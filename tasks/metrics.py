@@ -190,8 +190,9 @@ class InceptionFeatures:
         return dict(feature_extractor=self.name, weights_source=self.weights.source, weights_sha256=self.weights.sha256)
 
     def __call__(self, images):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise MetricsError(f'features need uint8 images [N, 1 or 3, H, W], got {images.dtype} {tuple(images.shape)}')
+        """images: uint8 [N, 1 or 3, H, W] only (float images: tasks.data.to_uint8 first, as saved
+        images are); anything else is a MetricsError naming `images`."""
+        samplers_mod.check_images(images, channels=(1, 3), float_ok=False, min_count=0, error=MetricsError)
         self.calls += 1
         out = []
         with torch.no_grad():
@@ -322,7 +323,9 @@ def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False
     """Mean and covariance of `dataset`'s features (tasks.data.ImageDataset, uint8), computed once
     and cached under a key of the dataset's content hash and the weights' sha256. keep_features
     also keeps (and caches) the features themselves, which KID and precision/recall compare.
-    The cache file (`cache`) is what load_reference_statistics reads. progress: a tqdm bar."""
+    The cache file (`cache`) is what load_reference_statistics reads. progress: a tqdm bar.
+    dataset.images: uint8 [N, 1 or 3, H, W] (samplers.check_images)."""
+    samplers_mod.check_images(dataset.images, 'dataset.images', channels=(1, 3), float_ok=False, min_count=2, error=MetricsError)
     provenance = extractor.provenance
     key = hashlib.sha256(f'{dataset.content_hash()}:{provenance["weights_sha256"] or extractor.name}:stats-v1'.encode()).hexdigest()
     path = os.path.join(cache_dir or default_cache_dir(), f'refstats-{key[:24]}{"-features" if keep_features else ""}.npz')
@@ -348,11 +351,17 @@ def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False
 
 def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, device='cpu', keep_features=False, **sampler_kwargs):
     """Features of the images `net` generates for the given per-image seeds, batch by batch
-    (quantized to uint8 as saved images are): a FeatureStats. Also returns the sampler's NFE."""
-    stats, seeds, nfe = FeatureStats(keep_features=keep_features), list(seeds), None
+    (quantized to uint8 as saved images are): a FeatureStats. Also returns the sampler's NFE.
+    seeds: samplers.check_seeds; class_labels (among sampler_kwargs): one per seed, N class indices
+    or an [N, label_dim] one-hot tensor (samplers.check_class_labels)."""
+    seeds = samplers_mod.check_seeds(seeds)
+    class_labels = samplers_mod.check_class_labels(sampler_kwargs.pop('class_labels', None), len(seeds),
+                                                   samplers_mod.label_dim_of(net))
+    stats, nfe = FeatureStats(keep_features=keep_features), None
     for start in range(0, len(seeds), batch_size):
+        batch_labels = None if class_labels is None else class_labels[start:start + batch_size]
         images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
-                                            device=device, **sampler_kwargs)
+                                            device=device, class_labels=batch_labels, **sampler_kwargs)
         stats.add(extractor(data_mod.to_uint8(images)))
     return stats, nfe
 
@@ -362,7 +371,9 @@ def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1
     """FID (or, off the FID network, a labelled Frechet distance) of num_images samples against
     `reference` (reference_statistics). EDM's protocol: block b uses seeds b*N .. (b+1)*N - 1;
     with seed_blocks = 3 the minimum and the mean over blocks are reported. KID and precision/recall
-    need the reference's features (reference_statistics(keep_features=True))."""
+    need the reference's features (reference_statistics(keep_features=True)). class_labels (among
+    sampler_kwargs): num_images class indices or a [num_images, label_dim] one-hot tensor, the same
+    for every seed block (samplers.check_class_labels)."""
     key = 'fid' if extractor.is_fid_network else 'frechet_distance'
     values, extra = [], {}
     for b in range(seed_blocks):

@@ -211,11 +211,16 @@ class VPModelDenoiser(torch.nn.Module):
     velocity or score, on one of DPM-Solver's noise schedules (tasks.schedules).
 
     sigma maps to time by t = lambda^-1(-log sigma); the model sees x_t = alpha_t x and its own
-    time input: t for continuous-time models, (t - 1/N) * 1000 for discrete-time models
-    (DPM-Solver's convention; fractional labels between the trained integers are interpolated
-    by the model itself)."""
+    time input: t for continuous-time models. A discrete-time model trained with
+    N = num_train_timesteps steps receives the index of the training step, (t - 1/K) * K over the
+    K levels its schedule keeps (t_n = (n + 1) / K; K = N unless the reference's clip dropped
+    levels at the noisy end), so at the sigma of step n it gets exactly n; fractional labels
+    between the trained integers are interpolated by the model itself. N = 1000 keeps
+    DPM-Solver's model_wrapper input (t - 1/K) * 1000 bit for bit (README decision on
+    discrete-time models): the same unless the clip dropped levels, where it is n * 1000 / K
+    (e.g. the cosine schedule, K = 996)."""
 
-    def __init__(self, model, noise_schedule, prediction='noise', discrete_time=None):
+    def __init__(self, model, noise_schedule, prediction='noise', discrete_time=None, num_train_timesteps=1000):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f'unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}')
@@ -223,16 +228,28 @@ class VPModelDenoiser(torch.nn.Module):
         if discrete_time is None:
             discrete_time = isinstance(noise_schedule, schedules.VPDiscreteNoiseSchedule)
         self.discrete_time = discrete_time
+        if discrete_time:
+            K = noise_schedule.total_N
+            if num_train_timesteps < K:
+                raise ValueError(f'num_train_timesteps {num_train_timesteps} is fewer than the {K} levels of the schedule')
+            # The model time per unit of t: K makes it the step index; the reference's fixed 1000
+            # (its issue #60) is right for N = 1000 and kept there.
+            self.num_train_timesteps = num_train_timesteps
+            self.time_scale = 1000 if num_train_timesteps == 1000 else K
         t_min = noise_schedule.default_t_end(0) if discrete_time else 1e-5
         self.sigma_min = float(noise_schedule.sigma(t_min))
         self.sigma_max = float(noise_schedule.sigma(noise_schedule.T))
+
+    def model_time(self, t):
+        """The discrete-time model's input at continuous time t (float64): (t - 1/K) * time_scale."""
+        return (t - 1.0 / self.noise_schedule.total_N) * self.time_scale
 
     def forward(self, x, sigma, class_labels=None):
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64, device='cpu').reshape(-1)
         t = self.noise_schedule.t_of_sigma(sigma64)
         alpha = self.noise_schedule.alpha(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
         std = self.noise_schedule.std(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-        t_input = self.noise_schedule.model_time(t) if self.discrete_time else t
+        t_input = self.model_time(t) if self.discrete_time else t
         x_t = alpha * x
         t_input = t_input.to(x.device, torch.float32).expand(x.shape[0]) if t_input.numel() == 1 else t_input.to(x.device, torch.float32)
         output = self.model(x_t, t_input, class_labels)

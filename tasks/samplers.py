@@ -7,6 +7,8 @@ All samplers keep their state in float64, take standard-normal `latents` of shap
 the whole batch). Per-image seeds: draw latents and noise with StackedRandomGenerator so an
 image depends only on its own seed, never on the batch it was computed in.
 """
+import collections
+import inspect
 import math
 
 import numpy as np
@@ -15,11 +17,119 @@ import torch
 from tasks import schedules
 
 
+# ---------------------------------------------------------------------------------------------
+# Arguments that tasks.samplers, tasks.calibration and tasks.metrics take in the same forms:
+# checked once at the entry of each public function, refused with an error naming the argument
+# and the expected form (never a guess, never a bare error from deep inside torch).
+
+SEED_LIMIT = 1 << 32  # StackedRandomGenerator seeds with seed mod 2^32 (EDM generate.py): larger ones repeat smaller ones
+IMAGE_RANGE_LIMIT = 5.0  # float images: |x| <= 5 (model range [-1, 1] with room for toy Gaussian data)
+
+
+def check_seeds(seeds, name='seeds'):
+    """Per-image seeds as a list of Python ints. Accepted: a list, tuple or range of ints, or a 1-D
+    integer tensor / numpy array; at least one, each in [0, 2^32), all distinct (one image per
+    seed: a repeated seed would count the same sample twice). Else ValueError naming `seeds`."""
+    expected = f'{name}: expected a non-empty list, range or 1-D integer tensor/array of distinct integers in [0, 2^32)'
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
+        array = seeds.detach().cpu().numpy() if isinstance(seeds, torch.Tensor) else seeds
+        if array.ndim != 1 or array.dtype.kind not in 'iu':
+            raise ValueError(f'{expected}, got a {array.dtype} array of shape {list(array.shape)}')
+        values = array.tolist()
+    elif isinstance(seeds, (list, tuple, range)):
+        values = list(seeds)
+        for seed in values:
+            if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+                raise ValueError(f'{expected}, got {seed!r} ({type(seed).__name__})')
+        values = [int(seed) for seed in values]
+    else:
+        raise ValueError(f'{expected}, got {type(seeds).__name__}')
+    if not values:
+        raise ValueError(f'{expected}, got none')
+    if min(values) < 0 or max(values) >= SEED_LIMIT:
+        raise ValueError(f'{expected}, got {min(values) if min(values) < 0 else max(values)}')
+    if len(set(values)) != len(values):
+        repeated = sorted(s for s, n in collections.Counter(values).items() if n > 1)
+        raise ValueError(f'{expected}, got repeated seeds {repeated[:5]}')
+    return values
+
+
+def check_class_labels(class_labels, N, C, one_hot=True, name='class_labels'):
+    """Class labels of N images (N None: any number) for C classes (C None: the net does not say).
+    Accepted: N integer class indices in [0, C) (int tensor/array or list of ints), or an [N, C]
+    float one-hot tensor, each row exactly one 1 and zeros (soft labels are refused). Returns None
+    for None, else the one-hot [N, C] (a one-hot argument unchanged; indices as float32 rows of
+    torch.eye(C), which needs C) when one_hot, else int64 indices [N]. Else ValueError naming it."""
+    if class_labels is None:
+        return None
+    if C == 0:
+        raise ValueError(f'{name}: the net is unconditional (label_dim = 0): give no class labels')
+    n, c = ('N' if N is None else N), ('C' if C is None else C)
+    expected = (f'{name}: expected {"N" if N is None else f"N = {N}"} integer class indices'
+                f'{"" if C is None else f" in [0, {C})"} or an [{n}, {c}] one-hot float tensor')
+    try:
+        labels = torch.as_tensor(class_labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f'{expected}, got {type(class_labels).__name__}') from None
+    got = f'{str(labels.dtype).replace("torch.", "")} of shape {list(labels.shape)}'
+    indices = labels.ndim == 1 and not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+    if not (indices or labels.ndim == 2 and labels.is_floating_point()) or (N is not None and len(labels) != N):
+        raise ValueError(f'{expected}, got {got}')
+    if indices:
+        out_of_range = (labels < 0) | (labels >= C if C is not None else False)
+        if out_of_range.any():
+            raise ValueError(f'{expected}, got class index {int(labels[out_of_range][0])}')
+        if not one_hot:
+            return labels.long()
+        if C is None:
+            raise ValueError(f'{name}: integer class indices need the number of classes, which the net does not say '
+                             f'(no label_dim); give an [N, C] one-hot float tensor')
+        return torch.eye(C, device=labels.device)[labels.long()]
+    if C is not None and labels.shape[1] != C:
+        raise ValueError(f'{expected}, got {got}')
+    if not (((labels == 0) | (labels == 1)).all() and (labels.sum(1) == 1).all()):
+        raise ValueError(f'{expected}, got rows that are not one-hot (exactly one 1, the rest 0; soft labels are not accepted)')
+    return labels if one_hot else labels.argmax(1)
+
+
+def label_dim_of(net):
+    """The net's number of classes (label_dim), None when it does not say."""
+    return getattr(net, 'label_dim', None)
+
+
+def check_images(images, name='images', shape=None, channels=None, float_ok=True, min_count=1, error=ValueError):
+    """Images [N, C, H, W]: uint8 (0..255) or, when float_ok, floating point in model range [-1, 1]
+    (float [N, d] too: vector data), finite and within |x| <= IMAGE_RANGE_LIMIT = 5 (room for toy
+    Gaussian data; images in [0, 255] reach far past it). `shape` the expected (C, H, W),
+    `channels` the allowed C; at least min_count images. Else `error` naming the argument."""
+    C = 'C' if channels is None else ' or '.join(map(str, channels))
+    want_shape = ', '.join(map(str, ('N', *(shape or (C, 'H', 'W')))))
+    expected = f'{name}: expected uint8 images [{want_shape}]' + (' or float images in model range [-1, 1]' if float_ok else '')
+    if not isinstance(images, torch.Tensor):
+        raise error(f'{expected}, got {type(images).__name__}')
+    got = f'{str(images.dtype).replace("torch.", "")} of shape {list(images.shape)}'
+    is_float = images.is_floating_point()
+    if not (images.dtype == torch.uint8 and images.ndim == 4 or float_ok and is_float and images.ndim in (2, 4)):
+        raise error(f'{expected}, got {got}' + ('; convert float images with tasks.data.to_uint8' if is_float else ''))
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape) or channels is not None and images.shape[1] not in channels:
+        raise error(f'{expected}, got {got}')
+    if len(images) < min_count:
+        raise error(f'{expected}, got {len(images)} images')
+    if is_float and images.numel():
+        lo, hi = torch.aminmax(images)  # no copy of the images
+        largest = float(torch.maximum(-lo, hi))
+        if not largest <= IMAGE_RANGE_LIMIT:  # NaN and inf fail too
+            raise error(f'{expected} (|x| <= {IMAGE_RANGE_LIMIT:g}), got values up to |x| = {largest:g}'
+                        + ('; images in [0, 255] go in as uint8' if math.isfinite(largest) else ''))
+    return images
+
+
 class StackedRandomGenerator:
     """One torch.Generator per image (EDM generate.py): image i's latents and noise depend only on
-    seeds[i]."""
+    seeds[i] (check_seeds: distinct integers in [0, 2^32))."""
 
     def __init__(self, device, seeds):
+        seeds = check_seeds(seeds)
         self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
 
     def randn(self, size, **kwargs):
@@ -64,7 +174,9 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
                 S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, return_nfe=False):
     """EDM Algorithm 2 (stochastic Heun; deterministic Algorithm 1 when S_churn = 0) on the
     Eq. 5 grid, with sigma(t) = t and s(t) = 1; the last step is Euler, so NFE = 2 N - 1.
-    Same signature and arithmetic as EDM's generate.py."""
+    Same signature and arithmetic as EDM's generate.py. class_labels: None, N class indices or an
+    [N, label_dim] one-hot tensor (check_class_labels; indices become one-hot)."""
+    class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     net = CountedDenoiser(net)
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
@@ -94,6 +206,24 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
     return _result(x_next, net, return_nfe)
 
 
+class GenerateVPSchedule(schedules.VPSchedule):
+    """The VP sigma(t) of EDM Table 1 with the operations of EDM's generate.py, so that the
+    ablation sampler's noise levels and times are the same floats as there:
+    sigma(t) = (e ** (0.5 beta_d t^2 + beta_min t) - 1) ** 0.5 on t as given (a Python float stays
+    one), and beta_d, beta_min from the sigma range with np.log. torch's exp(x) and e ** x, and
+    np.log and math.log, differ in the last bit for many arguments; sigma'(t), sigma^-1(sigma),
+    s(t) and s'(t) are VPSchedule's, which already compute as generate.py does."""
+
+    def sigma(self, t):
+        return (np.e ** (0.5 * self.beta_d * (t ** 2) + self.beta_min * t) - 1) ** 0.5
+
+    @classmethod
+    def from_sigma_range(cls, sigma_min, sigma_max, epsilon_s=1e-3):
+        beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+        beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+        return cls(beta_d=beta_d, beta_min=beta_min)
+
+
 SOLVERS = ('euler', 'heun')
 DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
 SCHEDULES = ('vp', 've', 'linear')
@@ -106,20 +236,22 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
                      epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
                      S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, return_nfe=False):
     """EDM's generalized sampler (generate.py): Algorithms 1 and 2 with any sigma(t), s(t) and
-    discretization of Table 1, Euler or Heun (alpha = 1) / general 2nd-order RK (alpha)."""
+    discretization of Table 1, Euler or Heun (alpha = 1) / general 2nd-order RK (alpha).
+    class_labels: as edm_sampler's."""
     for name, value, valid in (('solver', solver, SOLVERS), ('discretization', discretization, DISCRETIZATIONS),
                                ('schedule', schedule, SCHEDULES), ('scaling', scaling, SCALINGS)):
         if value not in valid:
             raise ValueError(f'unknown {name} {value!r}; valid: {", ".join(valid)}')
+    class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     net = CountedDenoiser(net)
-    vp_default = schedules.VPSchedule(beta_d=19.9, beta_min=0.1)  # generate.py's default range
+    vp_default = GenerateVPSchedule(beta_d=19.9, beta_min=0.1)  # generate.py's default range
     if sigma_min is None:
-        sigma_min = {'vp': float(vp_default.sigma(epsilon_s)), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
+        sigma_min = {'vp': vp_default.sigma(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
     if sigma_max is None:
-        sigma_max = {'vp': float(vp_default.sigma(1)), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
+        sigma_max = {'vp': vp_default.sigma(1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
-    vp = schedules.VPSchedule.from_sigma_range(sigma_min, sigma_max, epsilon_s)
+    vp = GenerateVPSchedule.from_sigma_range(sigma_min, sigma_max, epsilon_s)
 
     # Time steps in terms of noise level.
     if discretization == 'vp':
@@ -273,9 +405,11 @@ def dpm_solver_sampler(net, latents, class_labels=None, steps=20, order=3, metho
     schedules). The start is
     x_T = latents / alpha_T (the VP prior N(0, I) in x' space) and, as in the reference, the
     returned sample is x_{t_end} = alpha_{t_end} x' (or D(x'; sigma(t_end)) with denoise_to_zero).
+    class_labels: as edm_sampler's.
     """
     if algorithm_type not in DPM_ALGORITHMS:
         raise ValueError(f'unknown DPM-Solver algorithm_type {algorithm_type!r}; valid: {", ".join(DPM_ALGORITHMS)}')
+    class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     noise_schedule = noise_schedule or schedules.VPLinearNoiseSchedule()
     t_outer, orders, r = dpm_solver_plan(noise_schedule, steps, order, method, skip_type, t_start, t_end)
     sigma_outer = noise_schedule.sigma(t_outer)
@@ -390,6 +524,109 @@ def _multistep(x, sigmas, orders, model_fn, data_pred):
 SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler, 'dpm_solver': dpm_solver_sampler}
 
 
+# ---------------------------------------------------------------------------------------------
+# The domain of every sampler setting (the names of EDM's generate.py and this module), checked
+# before anything samples: a setting outside it gives NaN or silently wrong images, never an error.
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+SETTING_DOMAINS = {
+    'num_steps': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
+    'steps': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
+    'sigma_min': (lambda v: v is None or _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'sigma_max': (lambda v: v is None or _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'rho': (lambda v: _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'S_churn': (lambda v: _number(v) and 0 <= v < math.inf, 'a finite number >= 0'),
+    'S_min': (lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    'S_max': (lambda v: _number(v) and v >= 0, 'a number >= 0 (inf: no upper limit)'),
+    'S_noise': (lambda v: _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'solver': (lambda v: v in SOLVERS, 'one of ' + ', '.join(SOLVERS)),
+    'discretization': (lambda v: v in DISCRETIZATIONS, 'one of ' + ', '.join(DISCRETIZATIONS)),
+    'schedule': (lambda v: v in SCHEDULES, 'one of ' + ', '.join(SCHEDULES)),
+    'scaling': (lambda v: v in SCALINGS, 'one of ' + ', '.join(SCALINGS)),
+    'epsilon_s': (lambda v: _number(v) and 0 < v < 1, 'a number in (0, 1)'),
+    'C_1': (lambda v: _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'C_2': (lambda v: _number(v) and 0 < v < math.inf, 'a positive finite number'),
+    'M': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
+    'alpha': (lambda v: _number(v) and 0 < v <= 1, 'a number in (0, 1] (1: Heun, 0.5: midpoint)'),
+    'order': (lambda v: v in (1, 2, 3) and _integer(v), '1, 2 or 3'),
+    'method': (lambda v: v in DPM_METHODS, 'one of ' + ', '.join(DPM_METHODS)),
+    'algorithm_type': (lambda v: v in DPM_ALGORITHMS, 'one of ' + ', '.join(DPM_ALGORITHMS)),
+    'skip_type': (lambda v: v in schedules.DPM_SKIP_TYPES, 'one of ' + ', '.join(schedules.DPM_SKIP_TYPES)),
+    't_start': (lambda v: v is None or _number(v) and 0 < v <= 1, 'a number in (0, 1]'),
+    't_end': (lambda v: v is None or _number(v) and 0 < v < 1, 'a number in (0, 1)'),
+    'denoise_to_zero': (lambda v: isinstance(v, bool), 'true or false'),
+}
+
+
+def check_setting(name, value):
+    """None when `value` lies in the domain of sampler setting `name`, else what was expected."""
+    ok, expected = SETTING_DOMAINS.get(name, (lambda v: True, ''))
+    return None if ok(value) else f'expected {expected}, got {value!r}'
+
+
+def check_settings(sampler, **settings):
+    """Every setting of one sampler run in its domain, and the settings against each other:
+    ValueError('<setting>: what was expected, got what') on the first that is not."""
+    for name, value in settings.items():
+        problem = check_setting(name, value)
+        if problem:
+            raise ValueError(f'{name}: {problem}')
+    get = lambda name: settings.get(name, inspect.signature(get_sampler(sampler)).parameters[name].default)
+    if sampler in ('edm', 'ablation'):
+        lo, hi = get('sigma_min'), get('sigma_max')
+        if lo is not None and hi is not None and not lo < hi:
+            raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}')
+        if not get('S_min') <= get('S_max'):
+            raise ValueError(f'S_min: {get("S_min"):g} is above S_max = {get("S_max"):g}')
+    if sampler == 'dpm_solver':
+        if get('steps') < get('order'):
+            raise ValueError(f'steps: {get("steps")} is fewer than order = {get("order")} (DPM-Solver needs steps >= order)')
+        t_start, t_end = get('t_start'), get('t_end')
+        if t_start is not None and t_end is not None and not t_end < t_start:
+            raise ValueError(f't_end: {t_end:g} is not below t_start = {t_start:g}')
+
+
+def clamped_sigma_range(sampler, net, **settings):
+    """(requested, used) sigma range when a requested range reaches outside the model's own
+    [net.sigma_min, net.sigma_max] and the sampler clamps it as EDM's generate.py does, else None."""
+    if sampler not in ('edm', 'ablation'):
+        return None
+    defaults = inspect.signature(get_sampler(sampler)).parameters
+    lo, hi = (settings.get(k, defaults[k].default) for k in ('sigma_min', 'sigma_max'))  # None: the discretization's
+    used = (lo if lo is None else max(lo, net.sigma_min), hi if hi is None else min(hi, net.sigma_max))
+    return None if used == (lo, hi) else ((lo, hi), used)
+
+
+class NonFiniteSamples(ValueError):
+    """Samples with NaN or infinite values: never scored or used (as uint8 images they would
+    silently become black or white)."""
+
+
+class _FirstNonFinite:
+    """A denoiser that remembers the first sigma at which its output was not finite, on the
+    device (no host synchronisation per evaluation); everything else is the wrapped net's."""
+
+    def __init__(self, net):
+        self.net, self.sigma = net, None
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        out = self.net(x, sigma, class_labels)
+        s = torch.as_tensor(sigma, dtype=torch.float64, device=out.device).max()
+        first = torch.full((), math.nan, dtype=torch.float64, device=out.device) if self.sigma is None else self.sigma
+        self.sigma = torch.where(first.isnan() & ~torch.isfinite(out).all(), s, first)
+        return out
+
+
 def get_sampler(name):
     if name not in SAMPLERS:
         raise ValueError(f'unknown sampler {name!r}; valid: {", ".join(SAMPLERS)}')
@@ -403,14 +640,22 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
     given class_labels, one class per image from the same generator (so labels too depend only on
     the seed; class_idx fixes the class after the draw, as generate.py's --class does), then the
     stochastic noise. Returns (images float32 [N, C, R, R] on the CPU, nfe per batch), and the
-    one-hot labels used (or None) with return_labels."""
+    one-hot labels used (or None) with return_labels.
+    seeds: check_seeds (list, range or 1-D integer tensor/array; distinct, in [0, 2^32)).
+    class_labels: None, N = len(seeds) class indices or an [N, label_dim] one-hot tensor
+    (check_class_labels); class_idx: one integer class for every image, not with class_labels."""
     sampler_fn = get_sampler(sampler)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = getattr(net, 'label_dim', 0)
+    seeds = check_seeds(seeds)
+    class_labels = check_class_labels(class_labels, len(seeds), label_dim_of(net))
+    if class_idx is not None and class_labels is not None:
+        raise ValueError('class_idx: give class_labels or class_idx, not both')
+    if class_idx is not None and (isinstance(class_idx, (bool, np.bool_)) or not isinstance(class_idx, (int, np.integer))):
+        raise ValueError(f'class_idx: expected an integer class index, got {class_idx!r}')
     if class_idx is not None and not 0 <= class_idx < label_dim:
         raise ValueError(f'class {class_idx} is out of range: the model has {label_dim} classes')
     out, out_labels, nfe = [], [], 0
-    seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start:start + batch_size]
         rnd = StackedRandomGenerator(device, batch_seeds)
@@ -426,8 +671,18 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
         kwargs = dict(sampler_kwargs)
         if sampler != 'dpm_solver':
             kwargs['randn_like'] = rnd.randn_like
+        watched = _FirstNonFinite(net)
         with torch.no_grad():
-            images, nfe = sampler_fn(net, latents, labels, return_nfe=True, **kwargs)
+            images, nfe = sampler_fn(watched, latents, labels, return_nfe=True, **kwargs)
+        finite = torch.isfinite(images).flatten(1).all(1)
+        if not finite.all():
+            at = float(watched.sigma) if watched.sigma is not None and not watched.sigma.isnan() else None
+            settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs.items())
+            raise NonFiniteSamples(
+                f'{int((~finite).sum())} of the {len(batch_seeds)} samples of seeds {batch_seeds[0]}..{batch_seeds[-1]} are '
+                f'not finite ({sampler}{" " + settings if settings else ""}); '
+                + (f'the denoiser first returned non-finite values at sigma {at:g}' if at is not None else
+                   "the denoiser's outputs were finite: the sampler's own arithmetic made them"))
         out.append(images.to(torch.float32).cpu())
         out_labels.append(None if labels is None else labels.cpu())
     images = torch.cat(out)

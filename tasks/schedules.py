@@ -262,10 +262,6 @@ class VPDiscreteNoiseSchedule(DPMNoiseSchedule):
         """The reference's recommendation for discrete-time models: t = 1/N."""
         return 1.0 / self.total_N
 
-    def model_time(self, t):
-        """The model's own time input: t in [1/N, 1] maps to (t - 1/N) * 1000."""
-        return (_f64(t) - 1.0 / self.total_N) * 1000
-
 
 def interpolate(x, xp, yp):
     """Piecewise-linear y(x) through increasing keypoints (xp, yp), extended linearly beyond

@@ -82,6 +82,21 @@ def atomic_torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class NonFiniteLoss(ValueError):
+    """The training loss became NaN or infinite: the run stops (nothing after it would mean anything)."""
+
+
+def check_finite_loss(record, world_size=1):
+    """Stop at the first tick whose mean loss is not finite, on every rank at once (the flag is
+    reduced over the ranks, so no rank waits for another in a collective that never comes)."""
+    finite = torch.tensor(int(torch.isfinite(torch.tensor(record['loss']))))
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite:
+        raise NonFiniteLoss(f'training: the loss is not finite at tick {record["tick"]} ({record["kimg"]:g} kimg; this '
+                            f'rank\'s mean {record["loss"]}); the run stops there (lower lr, check the data and the network)')
+
+
 def learning_rate(lr, cur_nimg, lr_rampup_kimg):
     """EDM's linear ramp-up: lr * min(cur_nimg / (lr_rampup_kimg * 1000), 1)."""
     return lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
@@ -250,6 +265,7 @@ def train(config, dataset, run_dir, device='cpu', resume=True, progress=True, on
         record = dict(tick=tick, kimg=cur_nimg / 1000, loss=float(torch.stack(tick_losses).mean()),
                       lr=optimizer.param_groups[0]['lr'], sec_per_kimg=elapsed / max(cur_nimg - tick_start_nimg, 1) * 1000,
                       img_per_sec=(cur_nimg - tick_start_nimg) / max(elapsed, 1e-9), timestamp=time.time())
+        check_finite_loss(record, world_size)
         if reference_table is not None:
             record['offset_mse'] = calibration.offset_mse(recorder.h, reference_table)
         log.append(record)

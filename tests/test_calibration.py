@@ -235,6 +235,16 @@ def test_file_round_trip_and_refusals(tmp_path, gmm):
     torch.save({'format': 'other'}, tmp_path / 'other.pt')
     with pytest.raises(calibration.CalibrationError, match="other.pt: not a calibration table"):
         calibration.CalibrationTable.load(tmp_path / 'other.pt')
+    state = table.state()  # a table file whose sums hold NaN: refused, never subtracted
+    state['sum_D'][0, 1] = float('nan')
+    torch.save(state, tmp_path / 'nan.pt')
+    with pytest.raises(calibration.CalibrationError, match='nan.pt: sum_D holds NaN or infinite values'):
+        calibration.CalibrationTable.load(tmp_path / 'nan.pt')
+    # A denoiser whose D is not finite at one sigma: no table, one line naming the sigma and images.
+    broken = lambda x, sigma, labels=None: torch.where(torch.as_tensor(sigma).reshape(-1, *[1] * (x.ndim - 1)) > 1, torch.nan,
+                                                       net(x, sigma, labels))
+    with pytest.raises(calibration.CalibrationError, match=r'non-finite values at sigma 2 for images 0\.\.9 \(chunk 0\)'):
+        calibration.estimate_table(broken, y, SIGMAS, chunk_size=10)
 
 
 def test_eq26_terms_match_parametrizations():
@@ -343,3 +353,164 @@ def test_mean_eps_figure(tmp_path, gmm):
     table = calibration.estimate_table(net, y, SIGMAS, chunk_size=64)
     calibration.save_mean_eps_figure(table, tmp_path / 'fig3.png', num_sigmas=5)
     assert (tmp_path / 'fig3.png').stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument forms (field report "The Python API guesses at what it was given"): each accepted
+# form gives the same result; every other form is refused with a message naming the argument.
+
+import numpy as np
+
+
+def _per_class_setup():
+    images = torch.cat([_gaussian_images(40, 0) + 1, _gaussian_images(60, 1) - 1]) / 3  # within [-1, 1]
+    labels = torch.tensor([0] * 40 + [1] * 60)
+    return images, labels, oracles.IdealDenoiser(images[::2], labels=labels[::2])
+
+
+def _same_table(a, b):
+    return all(torch.equal(getattr(a, name), getattr(b, name)) for name in ('sigmas', 'sum_D', 'sum_y', 'sum_r2', 'count'))
+
+
+def test_labels_as_indices_or_one_hot_give_the_same_table_and_lookup():
+    images, labels, net = _per_class_setup()
+    kw = dict(sigmas=[0.05, 0.5], num_classes=2, chunk_size=25, seed=0)
+    reference = calibration.estimate_table(net, images, labels=labels, **kw)
+    for form in (labels.to(torch.int32), labels.tolist(), labels.numpy(), torch.eye(2)[labels], torch.eye(2, dtype=torch.float64)[labels]):
+        assert _same_table(calibration.estimate_table(net, images, labels=form, **kw), reference)
+    one_hot = torch.eye(2)[[1, 0, 1]]
+    expected = reference.lookup(0.5, one_hot)
+    for form in (torch.tensor([1, 0, 1]), [1, 0, 1], torch.tensor([1, 0, 1], dtype=torch.int32)):
+        assert torch.equal(reference.lookup(0.5, form), expected)  # indices were once read as class 0
+    a, b = calibration.CalibrationTable([0.5], SHAPE, 2), calibration.CalibrationTable([0.5], SHAPE, 2)
+    D, y = torch.randn(3, *SHAPE, dtype=torch.float64), torch.zeros(3, *SHAPE, dtype=torch.float64)
+    a.add(0, D, y, torch.tensor([1, 0, 1]))
+    b.add(0, D, y, one_hot)
+    assert _same_table(a, b)
+
+
+@pytest.mark.parametrize('labels,match', [
+    (torch.zeros(100, 1), (r'labels: expected N = 100 integer class indices in \[0, 2\) or an \[100, 2\] one-hot float '
+                           r'tensor, got float32 of shape \[100, 1\]')),
+    (torch.zeros(99, dtype=torch.long), r'labels: expected N = 100 .*got int64 of shape \[99\]'),
+    (torch.tensor([0] * 99 + [2]), r'labels: .*got class index 2'),
+    (torch.eye(3)[[0] * 100], r'labels: .*got float32 of shape \[100, 3\]'),
+    (torch.full((100, 2), 0.5), r'labels: .*rows that are not one-hot'),
+])
+def test_bad_labels_are_refused_naming_the_argument(labels, match):
+    images, _, net = _per_class_setup()
+    with pytest.raises(ValueError, match=match):
+        calibration.estimate_table(net, images, [0.5], labels=labels, num_classes=2, chunk_size=25)
+
+
+def test_bad_labels_of_table_methods_are_refused():
+    images, labels, net = _per_class_setup()
+    table = calibration.estimate_table(net, images, [0.05, 0.5], labels=labels, num_classes=2, chunk_size=50)
+    with pytest.raises(ValueError, match=r'class_labels: .*\[N, 2\] one-hot float tensor, got float32 of shape \[3, 1\]'):
+        table.lookup(0.5, torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r'class_labels: expected N = 2 .*got int64 of shape \[3\]'):
+        table.lookup(torch.tensor([0.05, 0.5]), torch.tensor([0, 1, 1]))  # one label per sigma
+    with pytest.raises(ValueError, match=r'class_labels: .*got class index 2'):
+        calibration.CalibratedDenoiser(net, table)(images[:2], 0.5, torch.tensor([0, 2]))
+    D = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r'labels: a per-class table \(2 classes\) needs'):
+        table.add(0, D, D)
+    with pytest.raises(ValueError, match=r'labels: expected N = 2 .*got int64 of shape \[1\]'):
+        table.add(0, D, D, torch.tensor([1]))
+    net.label_dim = 3  # a conditional model with 3 classes: a 2-class table does not fit it
+    with pytest.raises(ValueError, match=r"num_classes: expected the model's 3 classes"):
+        calibration.estimate_table(net, images, [0.5], labels=labels, num_classes=2, chunk_size=50)
+
+
+def test_images_as_uint8_or_model_range_give_the_same_table(gmm):
+    net = Biased(gmm)
+    u8 = data.to_uint8(gmm.sample(32, generator=torch.Generator().manual_seed(0)).float().clamp(-1, 1))
+    kw = dict(sigmas=[0.1, 1.0], chunk_size=16, seed=3)
+    reference = calibration.estimate_table(net, u8, **kw)
+    assert _same_table(calibration.estimate_table(net, data.to_model_range(u8), **kw), reference)
+    assert _same_table(calibration.estimate_table(net, data.to_model_range(u8).double(), **kw), reference)
+
+
+@pytest.mark.parametrize('images,match', [
+    ((torch.rand(8, *SHAPE) * 255), (r'images: expected uint8 images \[N, 1, 4, 4\] or float images in model range '
+                                     r'\[-1, 1\] \(\|x\| <= 5\), got values up to \|x\| = 2.*; images in \[0, 255\] go in as uint8')),
+    (torch.full((8, *SHAPE), float('nan')), r'images: .*got values up to \|x\| = nan'),
+    (torch.full((8, *SHAPE), float('inf')), r'images: .*got values up to \|x\| = inf'),
+    (torch.zeros(8, *SHAPE, dtype=torch.long), r'images: expected uint8 images \[N, 1, 4, 4\] .*got int64 of shape \[8, 1, 4, 4\]'),
+    (torch.zeros(8, 3, 4, 4, dtype=torch.uint8), r'images: .*got uint8 of shape \[8, 3, 4, 4\]'),
+    (torch.zeros(8, 4, 4, dtype=torch.uint8), r'images: .*got uint8 of shape \[8, 4, 4\]'),
+    (torch.zeros(8, 16), r'images: .*got float32 of shape \[8, 16\]'),  # this net says its images are [1, 4, 4]
+    (torch.zeros(0, *SHAPE), r'images: .*got 0 images'),
+    (np.zeros((8, *SHAPE), np.uint8), r'images: .*got ndarray'),
+])
+def test_bad_images_are_refused_naming_the_argument(gmm, images, match):
+    net = Biased(gmm)
+    with pytest.raises(ValueError, match=match):
+        calibration.estimate_table(net, images, [0.5], chunk_size=8)
+    with pytest.raises(ValueError, match=match):
+        calibration.fit_offset_net(net, images, steps=1)
+
+
+def test_float_vector_data_is_accepted_where_the_net_says_no_image_shape():
+    oracle = oracles.GaussianMixtureDenoiser([1.0], [[0.0, 0.5]], [0.2])  # vectors of 2: no img_channels
+    y = oracle.sample(16, generator=torch.Generator().manual_seed(0))
+    assert calibration.estimate_table(oracle, y, [0.5], chunk_size=8).sum_D.shape == (1, 1, 2)
+
+
+def test_sigmas_accepted_forms_agree():
+    grid = [0.1, 0.5, 2.0]
+    reference = calibration.CalibrationTable(grid, (2,)).sigmas
+    for form in (tuple(grid), np.array(grid), torch.tensor(grid, dtype=torch.float64)):
+        assert torch.equal(calibration.CalibrationTable(form, (2,)).sigmas, reference)
+    assert torch.equal(calibration.union_sigmas(grid, 0.5, torch.tensor([2.0, 3.0])), torch.tensor(grid + [3.0], dtype=torch.float64))
+    table = calibration.CalibrationTable(grid, (2,))
+    table.add(1, torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64))
+    for sigma in (0.5, torch.tensor(0.5), np.float64(0.5), [0.5], torch.tensor([0.5], dtype=torch.float64)):
+        assert torch.equal(table.lookup(sigma), torch.ones(1, 2, dtype=torch.float64))
+
+
+BAD_SIGMAS = [
+    ([0.5, 0.0], r'sigma.*: expected .*positive finite numbers, got 0'),
+    ([-1.0, 0.5], r'sigma.*: expected .*positive finite numbers, got -1'),
+    ([0.5, float('nan')], r'sigma.*: expected .*positive finite numbers, got nan'),
+    ([0.5, float('inf')], r'sigma.*: expected .*positive finite numbers, got inf'),
+    ([[0.1, 0.5]], r'sigma.*: expected .*a non-empty 1-D sequence of positive finite numbers, got shape \[1, 2\]'),
+    ([], r'sigma.*: expected .*got shape \[0\]'),
+    ('0.5', r'sigma.*: expected .*got str'),
+]
+
+
+@pytest.mark.parametrize('sigmas,match', BAD_SIGMAS)
+def test_bad_sigmas_are_refused_naming_the_argument(gmm, sigmas, match):
+    net = Biased(gmm)
+    y = gmm.sample(8, generator=torch.Generator().manual_seed(0)).float()
+    with pytest.raises(ValueError, match='^' + match.replace('sigma.*', 'sigmas')):
+        calibration.estimate_table(net, y, sigmas, chunk_size=8)
+    with pytest.raises(ValueError, match='^' + match.replace('sigma.*', 'sigmas')):
+        calibration.CalibrationTable(sigmas, SHAPE)
+    with pytest.raises(ValueError, match=r'^sigmas \(grid 1\)' + match[len('sigma.*'):]):
+        calibration.union_sigmas([0.5], sigmas)
+    table = calibration.CalibrationTable([0.5, 1.0], SHAPE)
+    for interpolate in (False, True):  # NaN was once looked up silently
+        with pytest.raises(ValueError, match='^' + match.replace('sigma.*', 'sigma')):
+            table.lookup(sigmas, interpolate=interpolate)
+    with pytest.raises(ValueError, match='^' + match.replace('sigma.*', 'sigma')):
+        table.index_of(sigmas)
+
+
+def test_sigma_grid_must_increase_and_union_needs_a_grid():
+    with pytest.raises(ValueError, match=r'sigmas: expected a strictly increasing grid'):
+        calibration.CalibrationTable([1.0, 0.5], SHAPE)
+    with pytest.raises(ValueError, match=r'sigmas: union_sigmas needs at least one sigma grid'):
+        calibration.union_sigmas()
+
+
+def test_generated_dataset_seeds(gmm):
+    net = Biased(gmm)
+    reference = calibration.generated_dataset(net, 4, 'edm', seeds=[5, 6, 7, 8], num_steps=3).images
+    for seeds in (range(5, 9), torch.arange(5, 9), np.arange(5, 9)):
+        assert torch.equal(calibration.generated_dataset(net, 4, 'edm', seeds=seeds, num_steps=3).images, reference)
+    with pytest.raises(ValueError, match=r'seeds: expected num_images = 4 seeds, got 3'):
+        calibration.generated_dataset(net, 4, 'edm', seeds=[5, 6, 7], num_steps=3)
+    with pytest.raises(ValueError, match=r'seeds: .*got repeated seeds \[6\]'):
+        calibration.generated_dataset(net, 4, 'edm', seeds=[5, 6, 6, 7], num_steps=3)

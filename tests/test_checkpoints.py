@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -172,8 +173,9 @@ def test_shape_mismatch_and_wrong_files_name_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # diffusers
 
+@pytest.mark.parametrize('N', [100, 1000])
 @pytest.mark.parametrize('prediction_type', ['epsilon', 'sample', 'v_prediction'])
-def test_diffusers_unet_is_the_vp_wrapper_of_its_own_output(tmp_path, prediction_type):
+def test_diffusers_unet_is_the_vp_wrapper_of_its_own_output(tmp_path, prediction_type, N):
     """At the noise level of DDPM step n, D(x; sigma_n) is the data prediction implied by the
     UNet's output at timestep n and x_n = sqrt(abar_n) x (Ho et al. 2020; Salimans & Ho 2022)."""
     diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
@@ -181,7 +183,7 @@ def test_diffusers_unet_is_the_vp_wrapper_of_its_own_output(tmp_path, prediction
     unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
                                  block_out_channels=(32, 32), down_block_types=('DownBlock2D', 'DownBlock2D'),
                                  up_block_types=('UpBlock2D', 'UpBlock2D'), norm_num_groups=8)
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear', prediction_type=prediction_type)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=N, beta_schedule='linear', prediction_type=prediction_type)
     unet.save_pretrained(tmp_path / 'model' / 'unet')
     scheduler.save_pretrained(tmp_path / 'model' / 'scheduler')
     net = checkpoints.load_denoiser(tmp_path / 'model')
@@ -189,7 +191,7 @@ def test_diffusers_unet_is_the_vp_wrapper_of_its_own_output(tmp_path, prediction
 
     abar = scheduler.alphas_cumprod.to(torch.float64)
     x = torch.randn(4, 3, 8, 8)
-    for n in (0, 10, 500, 999):
+    for n in (0, 10, N // 2, N - 1):
         alpha, std = abar[n].sqrt(), (1 - abar[n]).sqrt()
         sigma = float(std / alpha)
         x_t = (alpha * x).float()
@@ -201,6 +203,192 @@ def test_diffusers_unet_is_the_vp_wrapper_of_its_own_output(tmp_path, prediction
             D = net(x, torch.full((4,), sigma, dtype=torch.float64))
         assert _rel(D.double(), expected) < 1e-5, n
     assert net.sigma_max == pytest.approx(float(((1 - abar[-1]) / abar[-1]).sqrt()), rel=1e-9)
+
+
+def _tiny_unet(diffusers, **kwargs):
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(**dict(dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                             block_out_channels=(16, 16), down_block_types=('DownBlock2D', 'DownBlock2D'),
+                                             up_block_types=('UpBlock2D', 'UpBlock2D'), norm_num_groups=8), **kwargs))
+
+
+def _diffusers_dir(tmp_path, scheduler, unet=None, **config_changes):
+    """A diffusers model directory (unet/ and scheduler/, as a pipeline saves them); config_changes
+    edit the saved scheduler_config.json (None deletes a key)."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    path = tmp_path / 'model'
+    (unet or _tiny_unet(diffusers)).save_pretrained(path / 'unet')
+    scheduler.save_pretrained(path / 'scheduler')
+    if config_changes:
+        config_file = path / 'scheduler' / 'scheduler_config.json'
+        config = dict(json.loads(config_file.read_text()), **config_changes)
+        config_file.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return path
+
+
+def _record_time_inputs(net, output=lambda x_t, t: torch.zeros_like(x_t)):
+    """Replace the loaded UNet's forward by `output(x_t, t)` and record every time input it gets."""
+    seen = []
+
+    def forward(sample, timestep, class_labels=None, return_dict=True):
+        seen.append(timestep.detach().clone())
+        return types.SimpleNamespace(sample=output(sample, timestep))
+
+    net.model.unet.forward = forward
+    return seen
+
+
+@pytest.mark.parametrize('beta_schedule', ['linear', 'squaredcos_cap_v2'])
+def test_diffusers_1000_steps_keep_dpm_solvers_time_input_bit_for_bit(tmp_path, beta_schedule):
+    """Pinned before the time input learned N: a 1000-step model receives DPM-Solver's
+    model_wrapper input (t - 1/K) * 1000 bit for bit, K the levels kept by the reference's clip
+    (1000 for linear, 996 for the cosine schedule: README decision on discrete-time models)."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, diffusers.DDPMScheduler(beta_schedule=beta_schedule)))
+    ns = net.noise_schedule
+    assert ns.total_N == {'linear': 1000, 'squaredcos_cap_v2': 996}[beta_schedule]
+    seen = _record_time_inputs(net)
+    levels = ns.sigma(ns.t_array)
+    sigma = torch.cat([levels[::7], levels[-1:], torch.tensor([0.01, 0.3, 2.0, 40.0], dtype=torch.float64)])
+    net(torch.zeros(len(sigma), 3, 8, 8), sigma)
+    expected = ((ns.t_of_sigma(sigma) - 1.0 / ns.total_N) * 1000).to(torch.float32)  # the formula of the reference
+    assert torch.equal(seen[0], expected)
+    assert float(seen[0][len(levels[::7])]) == pytest.approx((ns.total_N - 1) * 1000 / ns.total_N, abs=1e-3)
+
+
+def _clip_kept(abar):
+    """How many levels the reference's numerical_clip_alpha keeps: those with log-SNR >= -5.1."""
+    return int((0.5 * (abar / (1 - abar)).log() >= -5.1).sum())
+
+
+def _trained_betas(N):
+    return np.linspace(1e-4, 0.05, N) ** 1.5  # any betas of the model's own
+
+
+@pytest.mark.parametrize('N', [100, 1000, 4000])
+@pytest.mark.parametrize('beta_schedule', ['linear', 'scaled_linear', 'squaredcos_cap_v2', 'trained_betas'])
+def test_diffusers_sigma_grid_and_time_input_are_the_schedulers(tmp_path, beta_schedule, N):
+    """The noise levels are the scheduler's own, sigma_n = sqrt((1 - abar_n) / abar_n) of its
+    alphas_cumprod, and at sigma_n the UNet receives n, its training step, for any
+    num_train_timesteps N (issue #60 of DPM-Solver: a fixed 1000 gave a 100-step model 10 n).
+    Levels the reference's clip drops (log-SNR < -5.1) are not on the grid. The one exception is
+    N = 1000 with dropped levels (cosine, K = 996 kept), which keeps the reference's n * 1000 / K
+    (pinned by test_diffusers_1000_steps_keep_dpm_solvers_time_input_bit_for_bit)."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=N, trained_betas=_trained_betas(N)) \
+        if beta_schedule == 'trained_betas' else diffusers.DDPMScheduler(num_train_timesteps=N, beta_schedule=beta_schedule)
+    net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, scheduler))
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    sigmas = ((1 - abar) / abar).sqrt()
+    K = _clip_kept(abar)
+    ns = net.noise_schedule
+    assert ns.total_N == K and (K == N) == (beta_schedule in ('linear', 'scaled_linear', 'trained_betas') and N < 4000)
+    assert torch.allclose(ns.sigma(ns.t_array), sigmas[:K], rtol=1e-12, atol=0)
+    assert net.sigma_min == pytest.approx(float(sigmas[0]), rel=1e-12)
+    assert net.sigma_max == pytest.approx(float(sigmas[K - 1]), rel=1e-12)
+
+    seen = _record_time_inputs(net)
+    n = torch.arange(K)
+    net(torch.zeros(K, 3, 8, 8), sigmas[:K])
+    if N == 1000 and K < N:
+        assert torch.allclose(seen[0].double(), n.double() * 1000 / K, rtol=1e-6, atol=1e-4)
+    else:
+        assert torch.allclose(seen[0].double(), n.double(), rtol=1e-7, atol=1e-9)  # n up to float rounding
+    # Between two training levels the input lies between their indices.
+    mid = (sigmas[:K - 1] * sigmas[1:K]).sqrt()
+    net(torch.zeros(K - 1, 3, 8, 8), mid)
+    scale = 1000 / K if N == 1000 else 1
+    assert bool(((seen[1] > n[:-1] * scale) & (seen[1] < n[1:] * scale)).all())
+
+
+@pytest.mark.parametrize('prediction_type', ['epsilon', 'v_prediction', 'sample'])
+def test_diffusers_prediction_types_give_D_in_closed_form(tmp_path, prediction_type):
+    """D(x; sigma) in the non-scaled space (x = y + sigma n) from a UNet whose output F is known.
+    With alpha = 1/sqrt(1 + sigma^2) and x_t = alpha x: epsilon D = x - sigma F; v_prediction
+    (v = alpha eps - std x_0) D = alpha^2 x - sigma alpha F; sample D = F."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, scheduler))
+    F = lambda x_t, t: 0.5 * x_t + 0.01 * t.to(x_t.dtype).reshape(-1, 1, 1, 1)
+    seen = _record_time_inputs(net, F)
+    abar = scheduler.alphas_cumprod.to(torch.float64)
+    n = torch.tensor([0, 7, 50, 99])
+    sigma = ((1 - abar[n]) / abar[n]).sqrt()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    D = net(x, sigma)
+    assert torch.allclose(seen[0].double(), n.double(), rtol=1e-7, atol=1e-9)
+    s = sigma.reshape(-1, 1, 1, 1)
+    alpha = 1 / (1 + s ** 2).sqrt()
+    out = F(alpha * x, n)
+    expected = {'epsilon': x - s * out, 'v_prediction': alpha ** 2 * x - s * alpha * out, 'sample': out}[prediction_type]
+    assert torch.allclose(D, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_diffusers_learned_variance_gives_the_mean_channels(tmp_path):
+    """A UNet that also predicts its variance (variance_type learned_range, 2 x channels): D uses
+    the first half, as iDDPMPrecond does."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, variance_type='learned_range')
+    net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, scheduler, _tiny_unet(diffusers, out_channels=6)))
+    _record_time_inputs(net, lambda x_t, t: torch.cat([torch.ones_like(x_t), 7 * torch.ones_like(x_t)], dim=1))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.allclose(net(x, torch.tensor([0.5, 2.0], dtype=torch.float64)),
+                          x - torch.tensor([0.5, 2.0], dtype=torch.float64).reshape(-1, 1, 1, 1), atol=1e-12)
+
+
+@pytest.mark.parametrize('scheduler_class,changes', [
+    ('DDIMScheduler', {}), ('PNDMScheduler', dict(skip_prk_steps=True)),
+    ('DDPMScheduler', dict(steps_offset=1, timestep_spacing='trailing', clip_sample=False, variance_type='fixed_large')),
+    ('DDPMScheduler', dict(_class_name=None, _diffusers_version=None, tensor_format='pt')),  # a hand-written or 0.1-era config
+])
+def test_diffusers_sampler_settings_do_not_change_the_denoiser(tmp_path, scheduler_class, changes):
+    """Keys that only choose how a sampler walks the training steps (steps_offset, timestep_spacing,
+    clipping, DDIM / PNDM instead of DDPM) leave the levels and the time inputs as they are."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    nets = []
+    for name, cls, kw in (('a', 'DDPMScheduler', {}), ('b', scheduler_class, changes)):
+        scheduler = getattr(diffusers, cls)(num_train_timesteps=100, beta_schedule='scaled_linear')
+        nets.append(checkpoints.load_denoiser(_diffusers_dir(tmp_path / name, scheduler, **kw)))
+    seen = [_record_time_inputs(net) for net in nets]
+    sigma = torch.tensor([0.02, 0.5, 3.0, 50.0], dtype=torch.float64)
+    for net in nets:
+        net(torch.zeros(4, 3, 8, 8), sigma)
+    assert torch.equal(nets[0].noise_schedule.log_alpha_array, nets[1].noise_schedule.log_alpha_array)
+    assert torch.equal(seen[0][0], seen[1][0])
+
+
+@pytest.mark.parametrize('changes,unet_kwargs,match', [
+    (dict(beta_schedule='cubic'), {}, r"scheduler_config\.json: beta_schedule 'cubic' is not one DDPMScheduler builds"),
+    (dict(prediction_type='flow'), {}, r"scheduler_config\.json: prediction_type 'flow' is not one of epsilon"),
+    (dict(_class_name='EulerDiscreteScheduler'), {}, r"scheduler_config\.json: _class_name 'EulerDiscreteScheduler'"),
+    (dict(_class_name='ScoreSdeVeScheduler'), {}, r"scheduler_config\.json: _class_name 'ScoreSdeVeScheduler'"),
+    (dict(timestep_type='continuous'), {}, r"scheduler_config\.json: unknown key 'timestep_type' \(= 'continuous'\)"),
+    (dict(rescale_betas_zero_snr=True), {}, r"scheduler_config\.json: rescale_betas_zero_snr = True is not supported"),
+    (dict(thresholding=True), {}, r"scheduler_config\.json: thresholding = True is not supported"),
+    (dict(trained_betas=[1e-4] * 99), {}, r"scheduler_config\.json: trained_betas has 99 values but num_train_timesteps = 100"),
+    ({}, dict(class_embed_type='timestep'), r"unet/config\.json: class_embed_type 'timestep' is not supported"),
+    ({}, dict(time_embedding_type='fourier'), r"unet/config\.json: time_embedding_type 'fourier' is not supported"),
+    ({}, dict(out_channels=6), r"unet/config\.json: out_channels 6 with in_channels 3 and the scheduler's variance_type"),
+])
+def test_diffusers_configs_the_wrapper_cannot_reproduce_are_refused_by_name(tmp_path, changes, unet_kwargs, match):
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    unet = _tiny_unet(diffusers, **unet_kwargs) if 'out_channels' in unet_kwargs else None
+    path = _diffusers_dir(tmp_path, diffusers.DDPMScheduler(num_train_timesteps=100), unet, **changes)
+    if unet_kwargs and unet is None:  # conditioning the tiny UNet cannot be built with: edit its saved config
+        config_file = path / 'unet' / 'config.json'
+        config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), **unet_kwargs)))
+    with pytest.raises(checkpoints.CheckpointError, match=match) as error:
+        checkpoints.load_denoiser(path)
+    assert '\n' not in str(error.value)
+
+
+def test_diffusers_text_conditional_unet_is_refused(tmp_path):
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    path = _diffusers_dir(tmp_path, diffusers.DDPMScheduler(num_train_timesteps=100))
+    config_file = path / 'unet' / 'config.json'
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), _class_name='UNet2DConditionModel')))
+    with pytest.raises(checkpoints.CheckpointError, match=r"unet/config\.json: _class_name 'UNet2DConditionModel' is not"):
+        checkpoints.load_denoiser(path)
 
 
 def test_diffusers_directory_without_scheduler_is_refused(tmp_path):
@@ -229,7 +417,8 @@ def test_cosine_schedule_clip_shrinks_N_as_the_reference():
     assert ns.total_N == kept
     assert float(ns.lambda_(1.0)) == pytest.approx(lam[kept - 1], abs=1e-9)
     assert ns.default_t_end(10) == 1 / kept
-    assert float(ns.model_time(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx((1 - 1 / kept) * 1000)
+    wrapper = precond.VPModelDenoiser(lambda x, t, labels=None: x, ns, 'noise', num_train_timesteps=N)
+    assert float(wrapper.model_time(torch.tensor(1.0, dtype=torch.float64))) == pytest.approx((1 - 1 / kept) * 1000)
 
 
 def test_ablation_vp_default_range_is_generate_py_s():

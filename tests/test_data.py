@@ -239,7 +239,7 @@ def test_unfaithful_modes_and_bad_sizes_are_refused(tmp_path):
 
     PIL.Image.fromarray(rng.integers(0, 256, (8, 12), dtype=np.uint8)).save(tmp_path / 'b.png')  # 12 wide, 8 high
     message = _one_line_error(data.load_image_folder, str(tmp_path))
-    assert 'b.png is 12x8, not square' in message and 'data.resolution only resizes square images' in message
+    assert 'b.png is 12x8, not square' in message and 'data.transform: center-crop' in message
 
     (tmp_path / 'b.png').write_bytes(b'not a png')
     assert 'b.png: cannot decode' in _one_line_error(data.load_image_folder, str(tmp_path))
@@ -354,3 +354,28 @@ def test_partitions_are_deterministic_and_cover_everything():
         assert sorted(c for g in groups for c in g) == list(range(len(chunks)))
     with pytest.raises(ValueError, match='chunk_size'):
         data.partition(10, 0)
+
+
+def test_center_crop_is_a_named_transform_as_in_edm_dataset_tool(tmp_path):
+    """Images of any shape become square only through a named transform: EDM dataset_tool's
+    center-crop (the centred square of the shorter side, Lanczos-resized to the resolution);
+    without it they are refused, never silently reshaped."""
+    import PIL.Image
+    rng = np.random.default_rng(0)
+    wide = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)   # H=20, W=30
+    tall = rng.integers(0, 256, (24, 16, 3), dtype=np.uint8)
+    for name, arr in (('a.png', wide), ('b.png', tall)):
+        PIL.Image.fromarray(arr).save(tmp_path / name)
+    with pytest.raises(data.DataError, match=r'a.png is 30x20, not square; .*data.transform: center-crop'):
+        data.load_dataset('image-folder', root=str(tmp_path))
+    ds = data.load_dataset('image-folder', root=str(tmp_path), resolution=8, transform='center-crop')
+    assert tuple(ds.images.shape) == (2, 3, 8, 8)
+    # EDM's center_crop: img[(h - c) // 2:(h + c) // 2, (w - c) // 2:(w + c) // 2], then PIL LANCZOS to the size.
+    expected_wide = np.asarray(PIL.Image.fromarray(wide[0:20, 5:25]).resize((8, 8), PIL.Image.LANCZOS))
+    expected_tall = np.asarray(PIL.Image.fromarray(tall[4:20, 0:16]).resize((8, 8), PIL.Image.LANCZOS))
+    assert np.array_equal(ds.images[0].permute(1, 2, 0).numpy(), expected_wide)
+    assert np.array_equal(ds.images[1].permute(1, 2, 0).numpy(), expected_tall)
+    with pytest.raises(data.DataError, match="transform 'center-crop' needs one of center-crop and a resolution"):
+        data.load_dataset('image-folder', root=str(tmp_path), transform='center-crop')
+    with pytest.raises(data.DataError, match='data.transform applies to image files'):
+        data.load_dataset('fashion-mnist', transform='center-crop', resolution=16)

@@ -210,3 +210,76 @@ def test_fid_on_fashion_mnist_grows_with_corruption(real_weights):
     fid = lambda images: metrics.frechet_distance(*stats(images), *ref)
     f_test, f_blur, f_noise = fid(test.images), fid(bench.blur(test.images, 2.0)), fid(bench.noise(test.images, 64))
     assert f_test < f_blur and f_test < f_noise, (f_test, f_blur, f_noise)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument forms (field report "The Python API guesses at what it was given"): each accepted
+# form gives the same result; every other form is refused with a message naming the argument.
+
+import types
+
+
+@pytest.mark.parametrize('images,match', [
+    (torch.zeros(2, 2, 8, 8, dtype=torch.uint8), r'images: expected uint8 images \[N, 1 or 3, H, W\], got uint8 of shape \[2, 2, 8, 8\]'),
+    (torch.rand(2, 3, 8, 8) * 255, (r'images: expected uint8 images \[N, 1 or 3, H, W\], got float32 of shape \[2, 3, 8, 8\]; '
+                                    r'convert float images with tasks.data.to_uint8')),
+    (torch.zeros(2, 1, 8, 8), r'images: .*got float32 of shape \[2, 1, 8, 8\]'),  # float in model range: also refused
+    (torch.zeros(2, 8, 8, dtype=torch.uint8), r'images: .*got uint8 of shape \[2, 8, 8\]'),
+    (torch.zeros(2, 1, 8, 8, dtype=torch.int64), r'images: .*got int64 of shape \[2, 1, 8, 8\]'),
+])
+def test_inception_features_refuse_images_naming_the_argument(random_state_dict, images, match):
+    extractor = metrics.InceptionFeatures(random_state_dict, name='random-inception (plumbing)')
+    with pytest.raises(metrics.MetricsError, match=match):
+        extractor(images)
+    assert extractor.calls == 0
+    with pytest.raises(metrics.MetricsError, match='^dataset.' + match):
+        metrics.reference_statistics(types.SimpleNamespace(images=images), extractor)
+
+
+def test_inception_features_grayscale_is_three_equal_channels(random_state_dict):
+    extractor = metrics.InceptionFeatures(random_state_dict, name='random-inception (plumbing)')
+    gray = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(extractor(gray), extractor(gray.expand(-1, 3, -1, -1)))
+
+
+def _pixel_features(images):
+    """A stand-in extractor: the uint8 pixels of 1x4x4 images, repeated to 2048 features."""
+    return images.flatten(1).to(torch.float64).repeat(1, metrics.FEATURES // images[0].numel())
+
+
+def _two_class_net():
+    """The ideal denoiser of two classes of 1x4x4 images, told it has label_dim = 2."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.rand(5, 1, 4, 4, generator=g) * 0.5 + 0.4, -torch.rand(5, 1, 4, 4, generator=g) * 0.5 - 0.4])
+    net = oracles.IdealDenoiser(y, labels=[0] * 5 + [1] * 5)
+    net.label_dim = 2
+    return net
+
+
+def test_sample_statistics_seed_and_label_forms_agree():
+    """Seeds as list / range / tensor / array, labels as indices / one-hot: the same features; the
+    labels of later batches are their own (each batch once got the first batch's labels)."""
+    net, labels = _two_class_net(), [0, 0, 0, 1, 1, 1]
+    images, _ = metrics.samplers_mod.generate(net, range(6), 'edm', batch_size=6, class_labels=labels, num_steps=4)
+    expected = _pixel_features(data.to_uint8(images))
+    for seeds in ([0, 1, 2, 3, 4, 5], range(6), torch.arange(6), np.arange(6)):
+        for form in (labels, torch.tensor(labels), torch.eye(2)[labels]):
+            stats, _ = metrics.sample_statistics(net, seeds, _pixel_features, 'edm', batch_size=3, keep_features=True,
+                                                 class_labels=form, num_steps=4)
+            assert torch.equal(stats.all_features().double(), expected)
+    with pytest.raises(ValueError, match=r'seeds: .*got repeated seeds \[1\]'):
+        metrics.sample_statistics(net, [0, 1, 1], _pixel_features, num_steps=2)
+    with pytest.raises(ValueError, match=r'seeds: .*got -1'):
+        metrics.sample_statistics(net, [-1, 0], _pixel_features, num_steps=2)
+    with pytest.raises(ValueError, match=r'class_labels: expected N = 6 integer class indices in \[0, 2\) .*got int64 of shape \[5\]'):
+        metrics.sample_statistics(net, range(6), _pixel_features, class_labels=labels[:5], num_steps=2)
+
+
+def test_evaluate_refuses_labels_that_do_not_match_num_images():
+    def extractor(images):
+        return _pixel_features(images)
+
+    extractor.is_fid_network, extractor.provenance, extractor.name = False, {}, 'pixels'
+    reference = dict(mu=np.zeros(metrics.FEATURES), sigma=np.eye(metrics.FEATURES), count=10)
+    with pytest.raises(ValueError, match=r'class_labels: expected N = 4 integer class indices in \[0, 2\) or an \[4, 2\] one-hot'):
+        metrics.evaluate(_two_class_net(), reference, extractor, 4, 'edm', class_labels=torch.eye(2)[[0, 1, 1]], num_steps=2)

@@ -202,7 +202,8 @@ def test_lost_node_during_the_sweep_retries_the_trial_and_keeps_every_row(multin
         removed = time.time()
         rc, out = _finish(proc, timeout=180)
         assert rc == 2, out[-3000:]
-        assert re.search(r'sweep: no progress for 5 s: trials wait for a worker \(1 CPU, 0 GPU each\); the cluster has 0 CPU',
+        assert re.search(r"sweep: no progress for 5 s: trials wait for a worker \(1 CPU, 0 GPU each\); the cluster has "
+                         r"[\d.]+ CPU, 0 GPU free",  # (what Ray counts free lags node deaths)
                          out), out[-3000:]
         assert re.search(r'error: sweep: 4 trial\(s\) failed: edm num_steps=4 @ 0.016 kimg; ', out), out[-3000:]
         assert 'Traceback' not in out and time.time() - removed < 120

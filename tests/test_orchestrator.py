@@ -37,7 +37,9 @@ TINY = dict(
 def _spec(tmp_path, name='s.yaml', **changes):
     d = yaml.safe_load(yaml.safe_dump(TINY))
     for section, values in changes.items():
-        if isinstance(values, dict):
+        if values is None:  # no such section
+            d.pop(section, None)
+        elif isinstance(values, dict):
             d[section].update(values)
         else:
             d[section] = values
@@ -419,7 +421,7 @@ def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
                           progress=False)
         raw['model'] = dict(checkpoint=str(tmp_path / tasks_train.NETWORK))
         raw['calibrate'].update(images=16 if stage == 'sweep' else 512)
-        raw['evaluate'].update(num_images=64)
+        raw['evaluate'].update(num_images=64, kid=False, precision_recall=False)  # (KID would need 64 reference images)
     path = tmp_path / 'ctrlc.yaml'
     path.write_text(yaml.safe_dump(raw))
     # As a terminal's foreground job: SIGINT at its default (a shell's background job, as this suite
@@ -454,3 +456,44 @@ def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
     stage_dirs = glob.glob(str(root / 'tiny' / 'stages' / f'{stage}-*'))
     assert stage_dirs and not any(os.path.exists(os.path.join(d, 'DONE.json')) for d in stage_dirs)
     assert not (root / 'tiny' / '.lease.json').exists()
+
+
+@needs_fashion
+def test_non_finite_results_fail_their_stage_in_one_line(ray_cluster, tmp_path):
+    """Field reports: NaN samples scored as black images (FID 784, exit 0). Now a sweep trial
+    whose samples are not finite gets an error row (not retried: the same seeds fail the same way)
+    and the run fails naming it; calibration on a network whose D is not finite and training whose
+    loss is not finite stop their stage with one line naming the sigma or the tick."""
+    ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=32)
+    tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.016, kimg_per_tick=0.016), ds, str(tmp_path),
+                      progress=False)
+    blob = torch.load(tmp_path / tasks_train.NETWORK, weights_only=True)
+    blob['ema'] = {k: v.fill_(float('nan')) if v.is_floating_point() else v for k, v in blob['ema'].items()}
+    torch.save(blob, tmp_path / 'nan.pt')
+    root = str(tmp_path / 'results')
+    messages = []
+    sweep_only = _spec(tmp_path, 'nan.yaml', model=dict(checkpoint=str(tmp_path / 'nan.pt')), calibrate=None,
+                       sweep=dict(samplers=[dict(sampler='edm', num_steps=3)], calibrated=[False], max_failures=2),
+                       evaluate=dict(num_images=4, reference_images=8, batch_size=4))
+    with pytest.raises(runner.StageFailed, match=re.escape(
+            'sweep: 1 trial(s) failed: edm num_steps=3 @ 0.016 kimg. The other rows are in')):
+        runner.run(sweep_only, results_root=root, log=messages.append)
+    row = results.read_table(root, 'tiny', 'sweep').iloc[0]
+    assert row['error'] == ('NonFiniteSamples: 4 of the 4 samples of seeds 0..3 are not finite (edm num_steps=3); the '
+                            'denoiser first returned non-finite values at sigma 80'), row['error']
+    assert 'fid' not in row or pd.isna(row['fid'])
+    assert not any('retrying' in m for m in messages)  # deterministic: Tune did not run it again
+
+    calibrate_only = _spec(tmp_path, 'nan-cal.yaml', model=dict(checkpoint=str(tmp_path / 'nan.pt')), sweep=None)
+    with pytest.raises(runner.StageFailed, match=r'calibrate \(data\): the denoiser returned non-finite values at sigma '
+                                                  r'[\d.e+-]+ for images 0\.\.7 \(chunk 0\); no table is made from them'):
+        runner.run(calibrate_only, results_root=root, log=messages.append)
+
+    diverging = _spec(tmp_path, 'nan-train.yaml', train=dict(TINY['train'], loss_kwargs=dict(P_mean=1000.0), max_failures=2),
+                      calibrate=None, sweep=None)
+    started = time.time()
+    with pytest.raises(runner.StageFailed, match=re.escape('training: the loss is not finite at tick 0 (0.032 kimg')):
+        runner.run(diverging, results_root=root, log=messages.append)
+    assert time.time() - started < 120  # stopped at once, not after Ray Train's retries
+    stages = runner.plan.make_plan(diverging, root)
+    assert not stages[0].done

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import data, oracles, samplers
+from tasks import calibration, data, oracles, precond, samplers
 
 MU = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5, -0.4], dtype=torch.float64)
 VAR = torch.tensor([0.25, 0.5, 1.0, 0.1, 0.3, 0.7], dtype=torch.float64)
@@ -71,6 +71,39 @@ def test_vp_ablation_converges_to_same_ode(gaussian):
     for disc, sched in (('ve', 've'), ('iddpm', 'linear')):
         x = samplers.ablation_sampler(gaussian, latents, num_steps=256, discretization=disc, schedule=sched)
         assert torch.isfinite(x).all()
+
+
+# NVlabs/edm generate.py's ablation_sampler on the network and latents of the test below
+# (NVlabs/edm commit 008a4e5316c8e3bfe61a62f874bddba254295afb, torch 2.14.1 on an x86-64 CPU):
+# with generate.py, dnnlib/, torch_utils/ and training/ of that commit on sys.path, net =
+# _tiny_vp_net(), rnd = generate.StackedRandomGenerator('cpu', range(8)), latents =
+# rnd.randn([8, 1, 8, 8]), x = generate.ablation_sampler(net, latents, None, randn_like=rnd.randn_like,
+# num_steps=32, solver='euler', discretization='vp', schedule='vp', scaling='vp') under
+# torch.no_grad(); recorded x[0].flatten()[:8].tolist() and float(x.sum()) (same with 1 or 2 threads).
+EDM_VP_EULER_32_FIRST8 = [-123.3854255665035, -126.29291670789954, -27.46249351311162, -47.551273025100066,
+                          93.01403695127645, 75.84038830137366, -34.63377084671898, -231.81679286811269]
+EDM_VP_EULER_32_SUM = -1467.3586067382753
+
+
+def _tiny_vp_net():
+    """A VP-preconditioned SongUNet small enough for the CPU, with seeded weights."""
+    torch.manual_seed(0)
+    return precond.VPPrecond(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                             attn_resolutions=[], dropout=0.0).eval()
+
+
+def test_ablation_vp_euler_matches_edm_generate():
+    """The VP ablation sampler gives EDM generate.py's floats exactly: sigma(t) is computed as
+    e ** (...) there, not exp(...), which differ in the last bit (before: 2.0e-8 relative
+    difference on this net, 4.6e-8 in the field report)."""
+    net = _tiny_vp_net()
+    rnd = samplers.StackedRandomGenerator('cpu', range(8))
+    latents = rnd.randn([8, 1, 8, 8])
+    with torch.no_grad():
+        x = samplers.ablation_sampler(net, latents, randn_like=rnd.randn_like, num_steps=32, solver='euler',
+                                      discretization='vp', schedule='vp', scaling='vp')
+    assert x[0].flatten()[:8].tolist() == EDM_VP_EULER_32_FIRST8
+    assert float(x.sum()) == EDM_VP_EULER_32_SUM
 
 
 def test_nfe_counts(gaussian):
@@ -143,3 +176,162 @@ def test_bad_sampler_arguments():
         samplers.ablation_sampler(g, _latents(1, 1), discretization='cosine')
     with pytest.raises(ValueError, match='edm, ablation, dpm_solver'):
         samplers.get_sampler('ddim')
+
+
+class _NaNBelow:
+    """The ideal denoiser of N(0, I) data, D = x / (1 + sigma^2), that returns NaN below a sigma
+    (a field report: such a network's samples were scored as black images)."""
+    img_channels, img_resolution, label_dim, sigma_min, sigma_max = 1, 4, 0, 0.002, 80.0
+
+    def __init__(self, below):
+        self.below = below
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *[1] * (x.ndim - 1))
+        out = x / (1 + sigma ** 2)
+        return torch.where(sigma < self.below, torch.full_like(out, float('nan')), out)
+
+
+@pytest.mark.parametrize('sampler,settings', [('edm', dict(num_steps=6)), ('ablation', dict(num_steps=6, solver='euler')),
+                                              ('dpm_solver', dict(steps=6, order=2))])
+def test_samples_that_are_not_finite_are_refused_naming_the_sigma(sampler, settings):
+    """Every sampler, through samplers.generate (what metrics and calibration sample with): NaN
+    samples are one NonFiniteSamples error saying how many, which seeds, which sampler and the
+    first sigma at which the denoiser returned non-finite values; never images."""
+    net = _NaNBelow(0.5)
+    with pytest.raises(samplers.NonFiniteSamples) as error:
+        samplers.generate(net, range(3), sampler, batch_size=2, **settings)
+    text = str(error.value)
+    assert text.startswith(f'2 of the 2 samples of seeds 0..1 are not finite ({sampler} ')
+    queried = calibration.queried_sigmas(sampler, net, **settings)
+    first_below = float(queried[queried < 0.5].max())  # samplers go from high to low sigma
+    assert f'the denoiser first returned non-finite values at sigma {first_below:g}' in text, text
+    images, _ = samplers.generate(_NaNBelow(0.0), range(3), sampler, batch_size=2, **settings)  # finite: as before
+    assert torch.isfinite(images).all() and images.shape == (3, 1, 4, 4)
+
+
+def test_nan_samples_are_never_scored():
+    """metrics.evaluate on a network that returns NaN below sigma 0.5 (a field report: FID 671
+    from black images) raises instead of returning a number."""
+    from tasks import metrics
+    extractor = lambda images: torch.zeros(len(images), 8)
+    extractor.is_fid_network, extractor.provenance, extractor.name = False, {}, 'zeros'
+    reference = dict(mu=np.zeros(8), sigma=np.eye(8), count=10)
+    with pytest.raises(samplers.NonFiniteSamples, match='are not finite'):
+        metrics.evaluate(_NaNBelow(0.5), reference, extractor, 4, 'edm', batch_size=4, num_steps=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument forms (field report "The Python API guesses at what it was given"): each accepted
+# form gives the same result; every other form is refused with a message naming the argument.
+
+def _tiny_cond_net(label_dim=10):
+    """An EDM-preconditioned conditional SongUNet small enough for the CPU, with seeded weights
+    (perturbed: EDM zero-initializes the output layers, which would hide the labels' effect)."""
+    torch.manual_seed(0)
+    net = precond.EDMPrecond(img_resolution=8, img_channels=1, label_dim=label_dim, model_channels=8, channel_mult=[1],
+                             num_blocks=1, attn_resolutions=[], dropout=0.0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return net
+
+
+LABEL_INDICES = [3, 1, 4, 1, 5, 9]
+
+
+def test_class_labels_indices_and_one_hot_give_the_same_samples():
+    net = _tiny_cond_net()
+    one_hot = torch.eye(10)[LABEL_INDICES]
+    reference, _, used = samplers.generate(net, range(6), 'edm', class_labels=one_hot, num_steps=3, batch_size=4,
+                                           return_labels=True)
+    assert torch.equal(used, one_hot)
+    for labels in (torch.tensor(LABEL_INDICES), torch.tensor(LABEL_INDICES, dtype=torch.int32), LABEL_INDICES,
+                   np.array(LABEL_INDICES), one_hot.double()):
+        images, _, used = samplers.generate(net, range(6), 'edm', class_labels=labels, num_steps=3, batch_size=4,
+                                            return_labels=True)
+        assert torch.equal(images, reference) and torch.equal(used.float(), one_hot)
+    other, _ = samplers.generate(net, range(6), 'edm', class_labels=[0] * 6, num_steps=3)
+    assert not torch.equal(other, reference)  # the labels do reach the net
+    latents = samplers.StackedRandomGenerator('cpu', range(6)).randn([6, 1, 8, 8])
+    for sampler, kw in (('edm', dict(num_steps=3)), ('ablation', dict(num_steps=3, solver='euler')),
+                        ('dpm_solver', dict(steps=4, order=2))):
+        fn = samplers.get_sampler(sampler)
+        with torch.no_grad():
+            assert torch.equal(fn(net, latents, torch.tensor(LABEL_INDICES), **kw), fn(net, latents, one_hot, **kw))
+
+
+@pytest.mark.parametrize('labels,match', [
+    (torch.zeros(6, 1), (r'class_labels: expected N = 6 integer class indices in \[0, 10\) or an \[6, 10\] one-hot float '
+                         r'tensor, got float32 of shape \[6, 1\]')),
+    (torch.tensor(LABEL_INDICES[:-1]), r'class_labels: expected N = 6 .*got int64 of shape \[5\]'),
+    (torch.eye(10)[LABEL_INDICES[:-1]], r'class_labels: expected N = 6 .*got float32 of shape \[5, 10\]'),
+    ([3, 1, 4, 1, 5, 10], r'class_labels: expected .* in \[0, 10\) .*got class index 10'),
+    ([3, 1, 4, 1, 5, -1], r'class_labels: .*got class index -1'),
+    (torch.eye(3)[[0, 1, 2, 0, 1, 2]], r'class_labels: .*\[6, 10\] one-hot float tensor, got float32 of shape \[6, 3\]'),
+    (torch.full((6, 10), 0.1), r'class_labels: .*rows that are not one-hot .*soft labels are not accepted'),
+    (torch.zeros(6, 10), r'class_labels: .*rows that are not one-hot'),
+    (torch.tensor(LABEL_INDICES, dtype=torch.float32), r'class_labels: .*got float32 of shape \[6\]'),
+    (torch.eye(10, dtype=torch.long)[LABEL_INDICES], r'class_labels: .*got int64 of shape \[6, 10\]'),
+    (torch.eye(10)[LABEL_INDICES][:, None], r'class_labels: .*got float32 of shape \[6, 1, 10\]'),
+    (torch.ones(6, dtype=torch.bool), r'class_labels: .*got bool of shape \[6\]'),
+    ('cats', r'class_labels: expected .*, got str'),
+])
+def test_bad_class_labels_are_refused_naming_the_argument(labels, match):
+    net = _tiny_cond_net()
+    with pytest.raises(ValueError, match=match):
+        samplers.generate(net, range(6), 'edm', class_labels=labels, num_steps=2)
+    latents = torch.zeros(6, 1, 8, 8)
+    for sampler in samplers.SAMPLERS:
+        with pytest.raises(ValueError, match=match):
+            samplers.get_sampler(sampler)(net, latents, labels)
+
+
+def test_class_labels_the_net_cannot_take_are_refused():
+    with pytest.raises(ValueError, match=r'class_labels: the net is unconditional \(label_dim = 0\)'):
+        samplers.generate(_NaNBelow(0.0), range(2), 'edm', class_labels=[0, 1], num_steps=2)
+    oracle = oracles.GaussianMixtureDenoiser([1.0], [[0.0] * 16], [1.0], shape=(1, 4, 4))  # says no label_dim
+    with pytest.raises(ValueError, match=r'class_labels: integer class indices need the number of classes'):
+        samplers.edm_sampler(oracle, torch.zeros(2, 1, 4, 4), [0, 1], num_steps=2)
+    samplers.edm_sampler(oracle, torch.zeros(2, 1, 4, 4), torch.eye(3)[[0, 2]], num_steps=2)  # one-hot: any C
+    net = _tiny_cond_net()
+    with pytest.raises(ValueError, match='class_idx: give class_labels or class_idx, not both'):
+        samplers.generate(net, range(2), 'edm', class_labels=[0, 1], class_idx=1, num_steps=2)
+    with pytest.raises(ValueError, match=r'class_idx: expected an integer class index, got 1.5'):
+        samplers.generate(net, range(2), 'edm', class_idx=1.5, num_steps=2)
+
+
+def test_seeds_as_list_range_tensor_or_array_give_the_same_images():
+    oracle = oracles.GaussianMixtureDenoiser([1.0], [[0.0] * 16], [1.0], shape=(1, 4, 4))
+    reference, _ = samplers.generate(oracle, [3, 4, 5, 6], 'edm', num_steps=3, S_churn=5, batch_size=3)
+    for seeds in (range(3, 7), (3, 4, 5, 6), torch.arange(3, 7), torch.arange(3, 7, dtype=torch.int32),
+                  np.arange(3, 7), np.arange(3, 7, dtype=np.uint32), [np.int64(s) for s in range(3, 7)]):
+        images, _ = samplers.generate(oracle, seeds, 'edm', num_steps=3, S_churn=5, batch_size=3)
+        assert torch.equal(images, reference), seeds
+    a = samplers.StackedRandomGenerator('cpu', torch.arange(3, 7)).randn([4, 2])
+    assert torch.equal(a, samplers.StackedRandomGenerator('cpu', range(3, 7)).randn([4, 2]))
+
+
+@pytest.mark.parametrize('seeds,match', [
+    ([0, 1, 1], r'seeds: expected .*distinct integers in \[0, 2\^32\), got repeated seeds \[1\]'),
+    (torch.tensor([0, 1, 1]), r'seeds: .*got repeated seeds \[1\]'),
+    ([0, -1, 2], r'seeds: .*got -1'),
+    ([0.0, 1.0], r'seeds: .*got 0.0 \(float\)'),
+    (torch.tensor([0.0, 1.0]), r'seeds: .*got a float32 array of shape \[2\]'),
+    (np.array([0.5, 1.0]), r'seeds: .*got a float64 array of shape \[2\]'),
+    (torch.zeros(2, 2, dtype=torch.long), r'seeds: .*got a int64 array of shape \[2, 2\]'),
+    ([], r'seeds: expected a non-empty .*got none'),
+    ([0, 2 ** 32], r'seeds: .*\[0, 2\^32\), got 4294967296'),
+    ([True, False], r'seeds: .*got True \(bool\)'),
+    (5, r'seeds: .*got int'),
+])
+def test_bad_seeds_are_refused_naming_the_argument(seeds, match):
+    oracle = oracles.GaussianMixtureDenoiser([1.0], [[0.0] * 16], [1.0], shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=match):
+        samplers.generate(oracle, seeds, 'edm', num_steps=2)
+    with pytest.raises(ValueError, match=match):
+        samplers.StackedRandomGenerator('cpu', seeds)

@@ -99,7 +99,38 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(sweep__samplers=[]), 'sweep.samplers: empty'),
     (dict(sweep__samplers=[dict(sampler='ddim')]), "sweep.samplers[0].sampler: 'ddim' is not one of"),
     (dict(sweep__samplers=[dict(sampler='edm', step=[4])]), "sweep.samplers[0].step: not a parameter of edm (did you mean 'num_steps'?"),
-    (dict(sweep__samplers=[dict(sampler='dpm_solver', order=5, steps=10)]), 'trial 0 .* is invalid: DPM-Solver order must be 1, 2 or 3'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', order=5, steps=10)]), 'sweep.samplers[0].order: expected 1, 2 or 3, got 5'),
+    # Sampler settings that cannot work (field reports): every setting's domain, and settings against each other.
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=5, sigma_min=0)]),
+     'sweep.samplers[0].sigma_min: expected a positive finite number, got 0'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=5, sigma_min=80, sigma_max=0.002)]),
+     'sweep.samplers: trial 0 (edm num_steps=5 sigma_max=0.002 sigma_min=80): sigma_min: 80 is not below sigma_max = 0.002'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=[8, 0])]), 'sweep.samplers[0].num_steps[1]: expected an integer >= 1, got 0'),
+    (dict(sweep__samplers=[dict(sampler='edm', rho=-7)]), 'sweep.samplers[0].rho: expected a positive finite number, got -7'),
+    (dict(sweep__samplers=[dict(sampler='edm', S_churn=-1)]), 'sweep.samplers[0].S_churn: expected a finite number >= 0, got -1'),
+    (dict(sweep__samplers=[dict(sampler='edm', S_churn=40, S_min=1, S_max=0.05)]),
+     'sweep.samplers: trial 0 (edm S_churn=40 S_max=0.05 S_min=1): S_min: 1 is above S_max = 0.05'),
+    (dict(sweep__samplers=[dict(sampler='edm', S_noise=0)]), 'sweep.samplers[0].S_noise: expected a positive finite number, got 0'),
+    (dict(sweep__samplers=[dict(sampler='edm', sigma_max=float('inf'))]), 'sweep.samplers[0].sigma_max: expected a positive finite'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=2.5)]), 'sweep.samplers[0].num_steps: expected an integer >= 1, got 2.5'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=True)]), 'sweep.samplers[0].num_steps: expected an integer >= 1, got True'),
+    (dict(sweep__samplers=[dict(sampler='edm', rho='7')]), "sweep.samplers[0].rho: expected a positive finite number, got '7'"),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=[])]), 'sweep.samplers[0].num_steps: empty list'),
+    (dict(sweep__samplers=[dict(sampler='ablation', solver='rk4')]), "sweep.samplers[0].solver: expected one of euler, heun, got 'rk4'"),
+    (dict(sweep__samplers=[dict(sampler='ablation', alpha=0)]), 'sweep.samplers[0].alpha: expected a number in (0, 1]'),
+    (dict(sweep__samplers=[dict(sampler='ablation', epsilon_s=1)]), 'sweep.samplers[0].epsilon_s: expected a number in (0, 1)'),
+    (dict(sweep__samplers=[dict(sampler='ablation', M=0)]), 'sweep.samplers[0].M: expected an integer >= 1, got 0'),
+    (dict(sweep__samplers=[dict(sampler='ablation', C_2=-0.008)]), 'sweep.samplers[0].C_2: expected a positive finite number'),
+    (dict(sweep__samplers=[dict(sampler='ablation', discretization='vp', sigma_min=10, sigma_max=1)]),
+     'sigma_min: 10 is not below sigma_max = 1'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=2, order=3)]), 'steps: 2 is fewer than order = 3'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_end=0)]), 'sweep.samplers[0].t_end: expected a number in (0, 1), got 0'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_start=1.5)]), 'sweep.samplers[0].t_start: expected a number in (0, 1]'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_start=0.1, t_end=0.5)]), 't_end: 0.5 is not below t_start = 0.1'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, method='adaptive')]), "sweep.samplers[0].method: expected one of singlestep"),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, skip_type='karras')]), "sweep.samplers[0].skip_type: expected one of logSNR"),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, algorithm_type='dpmsolver+')]), 'sweep.samplers[0].algorithm_type: expected one of'),
+    (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, denoise_to_zero='yes')]), 'sweep.samplers[0].denoise_to_zero: expected true or false'),
     (dict(sweep__calibrated=['yes']), 'sweep.calibrated[0]: expected true or false'),
     (dict(sweep__resources=dict(tpu=1)), "sweep.resources.tpu: 'tpu' is not one of: cpu, gpu"),
     (dict(evaluate__num_images=1), 'evaluate.num_images: FID needs at least 2 images'),
@@ -491,3 +522,84 @@ def test_cli_results_tables_are_the_stored_tables():
     from orchestrator import results
     sub = next(a for a in cli.build_parser()._actions if a.dest == 'command').choices['results']
     assert next(a for a in sub._actions if a.dest == 'table').choices == results.TABLES
+
+
+def _tiny_network(tmp_path, name, channels=3, resolution=16, cond=False):
+    """A network.pt of a tiny net trained for a few steps on random images (a model to check
+    other inputs against)."""
+    import torch
+    from tasks import data, train
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, channels, resolution, resolution), dtype=torch.uint8)
+    toy = data.ImageDataset(images, torch.arange(32) % 10, 'toy', 10)
+    run = tmp_path / name
+    train.train(train.TrainConfig(batch_size=16, total_kimg=0.016, kimg_per_tick=0.016, cond=cond,
+                                  network_overrides=dict(model_channels=16, channel_mult=[1], attn_resolutions=[])),
+                toy, str(run), progress=False)
+    return str(run / train.NETWORK)
+
+
+@pytest.mark.skipif(not os.path.isfile('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
+                    reason='Fashion-MNIST not installed in /usr/share/datasets/fashion-mnist')
+def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, capsys):
+    """Every check that spans fields or files runs in `validate` (and in `run` before any stage):
+    a sweep-only spec whose 3-channel model would be measured against 1-channel Fashion-MNIST,
+    KID subsets larger than the reference set, a class the model does not have, snapshots of two
+    different models. One line each, exit 2."""
+    rgb = _tiny_network(tmp_path, 'rgb')
+    grey = _tiny_network(tmp_path, 'grey', channels=1)
+    sweep_only = dict(experiment='fit', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16),
+                      model=dict(checkpoint=rgb), sweep=dict(samplers=[dict(sampler='edm', num_steps=4)], calibrated=[False]),
+                      evaluate=dict(num_images=8, reference_images=8))
+    cases = [
+        (sweep_only, 'data: the model takes 3x16x16 images, the data it is measured against are 1x16x16'),
+        (dict(sweep_only, model=dict(checkpoint=grey), evaluate=dict(num_images=50, reference_images=20, kid=True)),
+         'evaluate.kid: KID compares subsets of min(1000, num_images) = 50 images from each side, but reference_images is 20'),
+        (dict(sweep_only, model=dict(checkpoint=grey), evaluate=dict(num_images=8, reference_images=8, **{'class': 3})),
+         'evaluate.class: 3, but the model has 0 classes (it is unconditional)'),
+        (dict(sweep_only, model=dict(checkpoint=grey), evaluate=dict(num_images=3, reference_images=8, precision_recall=True)),
+         'evaluate.precision_recall: k-nearest neighbours with k = 3 need more than 3 images on each side'),
+        (dict(BASE, evaluate=dict(num_images=8, reference_images=8, **{'class': 0})),
+         'evaluate.class: 0, but the model has 0 classes'),
+    ]
+    for i, (raw, message) in enumerate(cases):
+        path = _write(tmp_path, raw, f'case{i}.yaml')
+        assert cli.main(['validate', path]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count('\n') == 1, (message, err)
+        with pytest.raises(spec.SpecError, match=re.escape(message)):  # run: before any stage (and before Ray)
+            runner.run(spec.load(path), results_root=str(tmp_path / 'results'))
+    assert not (tmp_path / 'results').exists()
+    import torch
+    blob = torch.load(rgb, weights_only=True)
+    other = dict(blob, cur_nimg=32)  # a "later snapshot" of another shape: a list must be one model's
+    torch.save(other, tmp_path / 'later.pt')
+    mixed = dict(sweep_only, model=dict(checkpoint=[grey, str(tmp_path / 'later.pt')]))
+    assert cli.main(['validate', _write(tmp_path, mixed, 'mixed.yaml')]) == 2
+    assert 'model.checkpoint[1]: ' in capsys.readouterr().err
+    # Conditional model trained here: its classes are the data's (Fashion-MNIST: 10).
+    ok = _write(tmp_path, dict(BASE, train=dict(BASE['train'], cond=True), evaluate=dict(num_images=8, reference_images=8,
+                                                                                         **{'class': 9})), 'ok.yaml')
+    assert cli.main(['validate', ok]) == 0
+
+
+def test_a_sigma_range_outside_the_models_is_clamped_and_said(tmp_path, capsys):
+    """A requested sigma range reaching outside the model's own (a VP model: [sigma(1e-5),
+    sigma(1)] = [0.000977, 152.17]) is clamped as EDM's generate.py does, the run says so once
+    per range, and the sampler really samples on the clamped range."""
+    import torch
+    from tasks import calibration, precond
+    raw = _with(model__precond='vp', calibrate=DELETE,
+                sweep__samplers=[dict(sampler='edm', num_steps=5, sigma_max=[200, 100]),
+                                 dict(sampler='edm', num_steps=5, sigma_min=0.0005, sigma_max=50)],
+                sweep__calibrated=[False])
+    assert cli.main(['validate', _write(tmp_path, raw)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
+        "sweep: edm sigma range [0.002, 200] reaches outside the model's [0.000976562, 152.167]: sampled on [0.002, 152.167] "
+        "(clamped, as EDM's generate.py does)",
+        "sweep: edm sigma range [0.0005, 50] reaches outside the model's [0.000976562, 152.167]: sampled on [0.000976562, 50] "
+        "(clamped, as EDM's generate.py does)"] and 'valid' in out[2]
+    net = precond.VPPrecond(img_resolution=1, img_channels=1, model_type=None)
+    queried = calibration.queried_sigmas('edm', net, num_steps=5, sigma_max=200)
+    assert float(queried.max()) == pytest.approx(float(net.round_sigma(torch.tensor(net.sigma_max))), rel=1e-6)

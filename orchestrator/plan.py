@@ -178,6 +178,13 @@ def check_inputs(spec, dataset=None, log=print):
                             f'{dataset.num_classes}')
     if c is not None and True in c.per_class_options() and 'generated' in c.sources() and not label_dim:
         raise SpecError(f'{where}: calibrate.per_class: generated images of an unconditional model have no classes')
+    if c is not None and True in c.per_class_options() and 'data' in c.sources():
+        for n in c.counts():  # each class needs images in every table, or its term is 0/0
+            missing = sorted(set(range(dataset.num_classes)) - set(dataset.labels[:n].tolist()))
+            if missing:
+                raise SpecError(f'{where}: calibrate.per_class: the first {n} images of {dataset.name} hold no image of '
+                                f'class(es) {", ".join(map(str, missing))}, whose per-class term would be 0/0: raise '
+                                'calibrate.images')
     if spec.sweep is not None and e.class_idx is not None and not e.class_idx < label_dim:
         raise SpecError(f'{where}: evaluate.class: {e.class_idx}, but the model has {label_dim} classes'
                         + (' (it is unconditional)' if not label_dim else f' (0..{label_dim - 1})'))

@@ -52,21 +52,22 @@ def _trial(config):
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
     net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
-    if trial['calibrated']:
-        key = table_key(trial['snapshot_kimg'], trial['calibration_source'], trial['calibration_images'])
-        table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
-        net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
-                                             per_class=trial['calibration_per_class'])
     weights = metrics.resolve_inception_weights(ctx['inception_weights'] and fetch(*ctx['inception_weights']))
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
     try:
+        if trial['calibrated']:
+            key = table_key(trial['snapshot_kimg'], trial['calibration_source'], trial['calibration_images'])
+            table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
+            net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
+                                                 per_class=trial['calibration_per_class'])
         result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
                                   batch_size=ctx['batch_size'], device=device, kid=ctx['kid'],
                                   precision_recall=ctx['precision_recall'], class_idx=ctx['class_idx'], **sampler_kwargs(trial))
-    except samplers.NonFiniteSamples as e:
-        # Deterministic (the same seeds give the same NaN): reported, not raised, so Tune does not
-        # retry it; the driver gives it an error row and the run fails naming it. No row is kept.
+    except (samplers.NonFiniteSamples, calibration.CalibrationError) as e:
+        # Deterministic (the same seeds give the same NaN; a table that does not fit stays so):
+        # reported, not raised, so Tune does not retry it; the driver gives it an error row and the
+        # run fails naming it. No row is kept.
         tune.report(dict(error=f'{type(e).__name__}: {e}'))
         return
     row = dict(trial_row(trial), trial_hash=item['hash'],

@@ -63,16 +63,23 @@ def init_process_group(rank, world_size, device):
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Rank 0's latest tick record, for the driver's progress bar (whatever node rank 0 is on)."""
+    """Rank 0's latest tick record, for the driver's progress bar (whatever node rank 0 is on),
+    and the error that stopped training when it is one that a restart would only repeat."""
 
     def __init__(self):
-        self.record = None
+        self.record = self.error = None
 
     def report(self, record):
         self.record = record
 
     def latest(self):
         return self.record
+
+    def fail(self, error):
+        self.error = self.error or error
+
+    def failure(self):
+        return self.error
 
 
 def _train_worker(config):
@@ -122,8 +129,8 @@ def _train_worker(config):
         tasks_train.train(train_config, dataset, run_dir, device=device, resume=True,
                           progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
                           wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
-    except tasks_train.NonFiniteLoss as e:  # deterministic: reported (every rank at once), not retried by Ray Train
-        ray.train.report(dict(error=str(e)))
+    except tasks_train.NonFiniteLoss as e:  # deterministic: told to the driver (every rank stops at once), not retried
+        ray.get(config['progress'].fail.remote(str(e)))  # delivered before this worker ends
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -210,12 +217,13 @@ def run_train_stage(stage, upstream, dataset, opts):
     try:
         with progress_bar(board, config.total_kimg):
             result = _fit(trainer)
+        failure = ray.get(board.failure.remote())
     finally:
         ray.kill(board)
+    if failure:
+        raise StageFailed(failure)
     if result.error is not None:
         raise result.error
-    if (result.metrics or {}).get('error'):
-        raise StageFailed(result.metrics['error'])
     with result.checkpoint.as_directory() as d:
         storage.upload(os.path.join(d, tasks_train.NETWORK), f'{key}/{tasks_train.NETWORK}')
     snapshots = {config.total_kimg: tasks_train.NETWORK}

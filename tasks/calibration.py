@@ -350,6 +350,14 @@ class CalibratedDenoiser:
     def __init__(self, net, calibration, interpolate=False, context='', per_class=True):
         self.net, self.calibration, self.interpolate, self.context = net, calibration, interpolate, context
         self.per_class = per_class
+        if per_class and isinstance(calibration, CalibrationTable) and calibration.num_classes:
+            # A class with no image in the estimate has no term (0/0): refused, never a NaN image.
+            empty = (calibration.count.sum(1) == 0).nonzero().flatten().tolist()
+            if empty:
+                raise CalibrationError(f'{context + ": " if context else ""}per-class calibration: class(es) '
+                                       f'{", ".join(map(str, empty))} have no image in the table\'s '
+                                       f'{calibration.meta.get("image_count", "?")} images; estimate on more images or subtract '
+                                       'the pooled term (per_class=False)')
         self.sigma_min, self.sigma_max = net.sigma_min, net.sigma_max
         for attr in ('img_channels', 'img_resolution', 'label_dim'):
             if hasattr(net, attr):

@@ -514,3 +514,18 @@ def test_generated_dataset_seeds(gmm):
         calibration.generated_dataset(net, 4, 'edm', seeds=[5, 6, 7], num_steps=3)
     with pytest.raises(ValueError, match=r'seeds: .*got repeated seeds \[6\]'):
         calibration.generated_dataset(net, 4, 'edm', seeds=[5, 6, 6, 7], num_steps=3)
+
+
+def test_per_class_calibration_with_an_empty_class_is_refused(gmm):
+    """A per-class table in which a class has no image has no term for it (0/0): subtracting it
+    would make NaN images. Refused when the calibrated denoiser is made; the pooled term is fine."""
+    net = Biased(gmm)
+    y = gmm.sample(20, generator=torch.Generator().manual_seed(3)).to(torch.float32)
+    labels = torch.tensor([0, 1] * 10)  # class 2 of 3 never occurs
+    table = calibration.estimate_table(net, y, SIGMAS, labels=labels, num_classes=3, chunk_size=10,
+                                       meta=dict(source='data'))
+    with pytest.raises(calibration.CalibrationError, match=r"trial x: per-class calibration: class\(es\) 2 have no image in "
+                                                             r"the table's 20 images"):
+        calibration.CalibratedDenoiser(net, table, context='trial x')
+    pooled = calibration.CalibratedDenoiser(net, table, per_class=False)
+    assert torch.isfinite(pooled(y[:4], 0.5, torch.tensor([0, 1, 2, 0]))).all()

@@ -561,6 +561,10 @@ def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, cap
          'evaluate.precision_recall: k-nearest neighbours with k = 3 need more than 3 images on each side'),
         (dict(BASE, evaluate=dict(num_images=8, reference_images=8, **{'class': 0})),
          'evaluate.class: 0, but the model has 0 classes'),
+        # Fashion-MNIST's first 8 training images are of classes 9, 0, 0, 3, 0, 2, 7, 2.
+        (dict(BASE, train=dict(BASE['train'], cond=True), calibrate=dict(images=8, chunk_size=8, per_class=True)),
+         'calibrate.per_class: the first 8 images of fashion-mnist hold no image of class(es) 1, 4, 5, 6, 8, whose '
+         'per-class term would be 0/0'),
     ]
     for i, (raw, message) in enumerate(cases):
         path = _write(tmp_path, raw, f'case{i}.yaml')

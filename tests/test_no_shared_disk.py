@@ -22,19 +22,12 @@ import yaml
 from orchestrator import results
 from orchestrator.storage import Storage, fetch
 from tasks import calibration, data
+from test_multinode import SPEC as MULTINODE_SPEC  # tests/ module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), 'ray')
 
-SPEC = dict(
-    experiment='isolated', seed=0,
-    data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=256),
-    model=dict(preset='ddpmpp-tiny'),
-    train=dict(total_kimg=0.064, batch_size=16, kimg_per_tick=0.032, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
-    calibrate=dict(images=32, chunk_size=8, actors=2, batch_size=16),
-    sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=4)], calibrated=[False, True]),
-    evaluate=dict(num_images=4, reference_images=8, batch_size=8),
-)
+SPEC = dict(MULTINODE_SPEC, experiment='isolated')  # the reduced spec of the multi-node tests
 
 
 def _can_unshare():

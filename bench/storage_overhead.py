@@ -41,8 +41,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('spec')
     args = p.parse_args()
+    import logging
     import boto3
     from moto.server import ThreadedMotoServer
+    logging.getLogger('werkzeug').setLevel(logging.WARNING)  # a line per request otherwise
     from orchestrator import results, spec as spec_mod
     from tasks import metrics
     experiment = spec_mod.load(args.spec).experiment
@@ -50,10 +52,12 @@ def main():
     server = ThreadedMotoServer(ip_address='127.0.0.1', port=port, verbose=False)
     server.start()
     work = tempfile.mkdtemp(prefix='storage-bench-')
-    env = dict(os.environ, AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='bench', AWS_SECRET_ACCESS_KEY='bench',
-               AWS_DEFAULT_REGION='us-east-1')
+    # The server's address and its (made-up) credentials, as a node's environment would hold them.
+    os.environ.update(AWS_ENDPOINT_URL=f'http://127.0.0.1:{port}', AWS_ACCESS_KEY_ID='bench', AWS_SECRET_ACCESS_KEY='bench',
+                      AWS_DEFAULT_REGION='us-east-1')
+    env = dict(os.environ)
     try:
-        boto3.client('s3', endpoint_url=env['AWS_ENDPOINT_URL'], region_name='us-east-1').create_bucket(Bucket='bench')
+        boto3.client('s3').create_bucket(Bucket='bench')
         weights = metrics.resolve_inception_weights().path
         walls, tables = {}, {}
         for name, root in (('local', os.path.join(work, 'results')), ('s3 (loopback)', 's3://bench/results')):
@@ -61,8 +65,6 @@ def main():
             os.makedirs(cache)
             shutil.copy(weights, cache)
             walls[name] = run(args.spec, root, dict(env, CALIB_EDM_CACHE=cache))
-            os.environ.update(AWS_ENDPOINT_URL=env['AWS_ENDPOINT_URL'], AWS_ACCESS_KEY_ID='bench', AWS_SECRET_ACCESS_KEY='bench',
-                              AWS_DEFAULT_REGION='us-east-1')
             tables[name] = results.read_table(root, experiment, 'timings').set_index('stage')['seconds']
         stages = list(tables['local'].index)
         print(f'{args.spec}: wall time per stage (s), from each run\'s timings table')

@@ -279,6 +279,8 @@ def render(storage, experiment):
     """Write the experiment's figures and tables under <root>/<experiment>/ of `storage`
     (orchestrator.storage, or a root path or URI); returns the URIs (or paths) written."""
     storage = Storage.of(storage)
+    if not any(storage.exists(results.table_key(experiment, t)) for t in results.TABLES):
+        raise FileNotFoundError(f'{storage.uri(experiment)}: no results tables for experiment {experiment!r} (has it run?)')
     with storage.local_folder(experiment) as out_dir:
         names = [os.path.basename(path) for path in _render(storage, experiment, out_dir)]
     return [storage.uri(experiment, name) for name in names]

@@ -149,6 +149,14 @@ def make_plan(spec, storage):
     return stages
 
 
+def load_spec_data(spec, **changes):
+    """The spec's dataset (load_data), its errors naming the spec and the field."""
+    try:
+        return load_data(*data_inputs(spec.data), **changes)
+    except (data_mod.DataError, FileNotFoundError) as e:
+        raise SpecError(f'{spec.path}: data: {e}') from None
+
+
 def check_inputs(spec, dataset=None, log=print):
     """The checks that span fields and files, before any work (`validate`, and `run` before any
     stage): every snapshot alike, the model's image shape and classes against the data it is
@@ -165,7 +173,15 @@ def check_inputs(spec, dataset=None, log=print):
                             f'{shape(models[0])}: the snapshots of one list must be of one model')
     uses_data = c is not None or (spec.sweep is not None and not e.reference_stats)
     if dataset is None and (uses_data or not models):  # every image is decoded: a bad file fails here
-        dataset = load_data(*data_inputs(spec.data))
+        dataset = load_spec_data(spec)
+    if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
+        raise SpecError(f'{where}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
+                        f'{spec.data.split} holds {len(dataset)} (after data.limit)')
+    if spec.sweep is not None and not e.reference_stats:
+        held = len(load_spec_data(spec, split=e.reference_split, limit=None))
+        if e.reference_images > held:
+            raise SpecError(f'{where}: evaluate.reference_images: {e.reference_images} images asked for, but '
+                            f'{spec.data.name} {e.reference_split} holds {held}')
     label_dim = models[0].label_dim if models else dataset.num_classes if spec.train.cond else 0
     if models and uses_data:
         net, what = models[0], 'calibrated on' if c is not None else 'measured against'
@@ -190,9 +206,13 @@ def check_inputs(spec, dataset=None, log=print):
                         + (' (it is unconditional)' if not label_dim else f' (0..{label_dim - 1})'))
     # A sampler's sigma range reaching outside the model's own is clamped to it (EDM's generate.py): said once.
     said = set()
-    for t in spec.trials():
+    for i, t in enumerate(spec.trials()):
         for net in models[:1] or [noise_levels(spec)]:
-            clamped = samplers.clamped_sigma_range(t['sampler'], net, **sampler_kwargs(t))
+            try:
+                clamped = samplers.clamped_sigma_range(t['sampler'], net, **sampler_kwargs(t))
+            except ValueError as err:
+                settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(t).items())
+                raise SpecError(f'{where}: sweep.samplers: trial {i} ({t["sampler"]} {settings}): {err}') from None
             if clamped and clamped not in said:
                 said.add(clamped)
                 show = lambda pair: ', '.join('default' if v is None else f'{v:g}' for v in pair)

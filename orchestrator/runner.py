@@ -196,19 +196,8 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
     # The data are read only by the stages that need them: training, calibration, and reference
     # statistics not given as a published file (a pretrained model with published statistics needs none).
     needs_data = not spec.model.checkpoint or spec.calibrate is not None or (spec.sweep and not spec.evaluate.reference_stats)
-    data, data_root = plan.data_inputs(spec.data)
-    dataset = plan.load_data(data, data_root) if needs_data else None
-    c, e = spec.calibrate, spec.evaluate
-    if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
-        raise SpecError(f'{spec.path}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
-                        f'{spec.data.split} holds {len(dataset)} (after data.limit)')
-    reference = [s for s in stages if s.name == 'reference' and 'data' in s.inputs and not s.done]
-    if reference:
-        held = len(plan.load_data(reference[0].inputs['data'], data_root, limit=None))
-        if e.reference_images > held:
-            raise SpecError(f'{spec.path}: evaluate.reference_images: {e.reference_images} images asked for, but '
-                            f'{spec.data.name} {e.reference_split} holds {held}')
-    plan.check_inputs(spec, dataset, log=log)
+    dataset = plan.load_spec_data(spec) if needs_data else None
+    plan.check_inputs(spec, dataset, log=log)  # (counts against the data too)
     check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
         return _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout))

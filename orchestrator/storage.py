@@ -135,7 +135,10 @@ class Storage:
 
     def list(self, key=''):
         """Names directly under a key (files and folders), sorted; [] when there is none."""
-        info = self.fs.get_file_info(pafs.FileSelector(self.path(key), allow_not_found=True))
+        try:
+            info = self.fs.get_file_info(pafs.FileSelector(self.path(key), allow_not_found=True))
+        except NotADirectoryError:  # a file: nothing under it
+            return []
         return sorted(i.base_name for i in info)
 
     def files(self, key=''):

@@ -224,6 +224,13 @@ class GenerateVPSchedule(schedules.VPSchedule):
         return cls(beta_d=beta_d, beta_min=beta_min)
 
 
+def ablation_sigma_range(discretization, epsilon_s=1e-3):
+    """generate.py's default (sigma_min, sigma_max) of each discretization (VP: beta_d = 19.9)."""
+    vp_default = GenerateVPSchedule(beta_d=19.9, beta_min=0.1)
+    return {'vp': (vp_default.sigma(epsilon_s), vp_default.sigma(1)), 've': (0.02, 100), 'iddpm': (0.002, 81),
+            'edm': (0.002, 80)}[discretization]
+
+
 SOLVERS = ('euler', 'heun')
 DISCRETIZATIONS = ('vp', 've', 'iddpm', 'edm')
 SCHEDULES = ('vp', 've', 'linear')
@@ -244,11 +251,9 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
             raise ValueError(f'unknown {name} {value!r}; valid: {", ".join(valid)}')
     class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     net = CountedDenoiser(net)
-    vp_default = GenerateVPSchedule(beta_d=19.9, beta_min=0.1)  # generate.py's default range
-    if sigma_min is None:
-        sigma_min = {'vp': vp_default.sigma(epsilon_s), 've': 0.02, 'iddpm': 0.002, 'edm': 0.002}[discretization]
-    if sigma_max is None:
-        sigma_max = {'vp': vp_default.sigma(1), 've': 100, 'iddpm': 81, 'edm': 80}[discretization]
+    default_min, default_max = ablation_sigma_range(discretization, epsilon_s)
+    sigma_min = default_min if sigma_min is None else sigma_min
+    sigma_max = default_max if sigma_max is None else sigma_max
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     vp = GenerateVPSchedule.from_sigma_range(sigma_min, sigma_max, epsilon_s)
@@ -580,9 +585,10 @@ def check_settings(sampler, **settings):
             raise ValueError(f'{name}: {problem}')
     get = lambda name: settings.get(name, inspect.signature(get_sampler(sampler)).parameters[name].default)
     if sampler in ('edm', 'ablation'):
-        lo, hi = get('sigma_min'), get('sigma_max')
-        if lo is not None and hi is not None and not lo < hi:
-            raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}')
+        lo, hi = sigma_range(sampler, **settings)
+        if not lo < hi:
+            raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}'
+                             + (' (the default)' if 'sigma_min' not in settings or 'sigma_max' not in settings else ''))
         if not get('S_min') <= get('S_max'):
             raise ValueError(f'S_min: {get("S_min"):g} is above S_max = {get("S_max"):g}')
     if sampler == 'dpm_solver':
@@ -593,14 +599,29 @@ def check_settings(sampler, **settings):
             raise ValueError(f't_end: {t_end:g} is not below t_start = {t_start:g}')
 
 
+def sigma_range(sampler, **settings):
+    """The (sigma_min, sigma_max) an edm or ablation run asks for: its settings, else the
+    sampler's defaults (the ablation sampler's depend on the discretization)."""
+    defaults = inspect.signature(get_sampler(sampler)).parameters
+    get = lambda name: settings.get(name, defaults[name].default)
+    lo, hi = get('sigma_min'), get('sigma_max')
+    if sampler == 'ablation' and (lo is None or hi is None):
+        default_min, default_max = ablation_sigma_range(get('discretization'), get('epsilon_s'))
+        lo, hi = default_min if lo is None else lo, default_max if hi is None else hi
+    return lo, hi
+
+
 def clamped_sigma_range(sampler, net, **settings):
     """(requested, used) sigma range when a requested range reaches outside the model's own
-    [net.sigma_min, net.sigma_max] and the sampler clamps it as EDM's generate.py does, else None."""
+    [net.sigma_min, net.sigma_max] and the sampler clamps it as EDM's generate.py does, else None.
+    ValueError when nothing of the range is left inside the model's."""
     if sampler not in ('edm', 'ablation'):
         return None
-    defaults = inspect.signature(get_sampler(sampler)).parameters
-    lo, hi = (settings.get(k, defaults[k].default) for k in ('sigma_min', 'sigma_max'))  # None: the discretization's
-    used = (lo if lo is None else max(lo, net.sigma_min), hi if hi is None else min(hi, net.sigma_max))
+    lo, hi = sigma_range(sampler, **settings)
+    used = (max(lo, net.sigma_min), min(hi, net.sigma_max))
+    if not used[0] < used[1]:
+        raise ValueError(f'sigma range [{lo:g}, {hi:g}] lies outside the model\'s [{net.sigma_min:g}, '
+                         f'{net.sigma_max:g}]: nothing is left to sample after clamping')
     return None if used == (lo, hi) else ((lo, hi), used)
 
 

@@ -124,6 +124,9 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
     (dict(sweep__samplers=[dict(sampler='ablation', discretization='vp', sigma_min=10, sigma_max=1)]),
      'sigma_min: 10 is not below sigma_max = 1'),
     (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=2, order=3)]), 'steps: 2 is fewer than order = 3'),
+    (dict(sweep__samplers=[dict(sampler='ablation', num_steps=4, sigma_min=100)]),
+     'sigma_min: 100 is not below sigma_max = 80 (the default)'),
+    (dict(sweep__samplers=[dict(sampler='edm', sigma_max=0.001)]), 'sigma_min: 0.002 is not below sigma_max = 0.001 (the default)'),
     (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_end=0)]), 'sweep.samplers[0].t_end: expected a number in (0, 1), got 0'),
     (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_start=1.5)]), 'sweep.samplers[0].t_start: expected a number in (0, 1]'),
     (dict(sweep__samplers=[dict(sampler='dpm_solver', steps=10, t_start=0.1, t_end=0.5)]), 't_end: 0.5 is not below t_start = 0.1'),
@@ -546,6 +549,11 @@ def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, cap
     a sweep-only spec whose 3-channel model would be measured against 1-channel Fashion-MNIST,
     KID subsets larger than the reference set, a class the model does not have, snapshots of two
     different models. One line each, exit 2."""
+    import numpy as np
+    import PIL.Image
+    odd = tmp_path / 'odd'
+    odd.mkdir()
+    PIL.Image.fromarray(np.zeros((8, 12), np.uint8)).save(odd / 'wide.png')
     rgb = _tiny_network(tmp_path, 'rgb')
     grey = _tiny_network(tmp_path, 'grey', channels=1)
     sweep_only = dict(experiment='fit', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16),
@@ -561,6 +569,12 @@ def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, cap
          'evaluate.precision_recall: k-nearest neighbours with k = 3 need more than 3 images on each side'),
         (dict(BASE, evaluate=dict(num_images=8, reference_images=8, **{'class': 0})),
          'evaluate.class: 0, but the model has 0 classes'),
+        (dict(BASE, data=dict(BASE['data'], limit=16)), 'calibrate.images: 32 images asked for, but fashion-mnist train '
+                                                        'holds 16 (after data.limit)'),
+        (dict(BASE, evaluate=dict(num_images=8, reference_images=100000)),
+         'evaluate.reference_images: 100000 images asked for, but fashion-mnist train holds 60000'),
+        (dict(BASE, data=dict(name='image-folder', root=str(odd))),
+         f'{{path}}: data: image-folder: {odd / "wide.png"} is 12x8, not square'),
         # Fashion-MNIST's first 8 training images are of classes 9, 0, 0, 3, 0, 2, 7, 2.
         (dict(BASE, train=dict(BASE['train'], cond=True), calibrate=dict(images=8, chunk_size=8, per_class=True)),
          'calibrate.per_class: the first 8 images of fashion-mnist hold no image of class(es) 1, 4, 5, 6, 8, whose '
@@ -568,6 +582,7 @@ def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, cap
     ]
     for i, (raw, message) in enumerate(cases):
         path = _write(tmp_path, raw, f'case{i}.yaml')
+        message = message.replace('{path}', path)
         assert cli.main(['validate', path]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count('\n') == 1, (message, err)
@@ -604,6 +619,11 @@ def test_a_sigma_range_outside_the_models_is_clamped_and_said(tmp_path, capsys):
         "(clamped, as EDM's generate.py does)",
         "sweep: edm sigma range [0.0005, 50] reaches outside the model's [0.000976562, 152.167]: sampled on [0.000976562, 50] "
         "(clamped, as EDM's generate.py does)"] and 'valid' in out[2]
+    beyond = _with(model__precond='vp', calibrate=DELETE, sweep__calibrated=[False],
+                   sweep__samplers=[dict(sampler='edm', num_steps=4, sigma_min=200, sigma_max=300)])
+    assert cli.main(['validate', _write(tmp_path, beyond, 'beyond.yaml')]) == 2
+    assert ("trial 0 (edm num_steps=4 sigma_max=300 sigma_min=200): sigma range [200, 300] lies outside the model's "
+            "[0.000976562, 152.167]: nothing is left to sample after clamping") in capsys.readouterr().err
     net = precond.VPPrecond(img_resolution=1, img_channels=1, model_type=None)
     queried = calibration.queried_sigmas('edm', net, num_steps=5, sigma_max=200)
     assert float(queried.max()) == pytest.approx(float(net.round_sigma(torch.tensor(net.sigma_max))), rel=1e-6)

@@ -43,6 +43,8 @@ def test_storage_round_trips_files_folders_and_listings(storage, tmp_path, monke
     with storage.local_folder('exp/figs') as local:
         open(os.path.join(local, 'p.png'), 'wb').write(b'png')
     assert storage.read_bytes('exp/figs/p.png') == b'png'
+    storage.write_bytes('README.md', b'a file beside the experiments')  # (results/README.md is one)
+    assert storage.list('README.md') == [] and results.experiments(storage) == []
     storage.delete('exp/a.json')
     assert not storage.exists('exp/a.json')
     with pytest.raises(FileNotFoundError, match='no such file'):
@@ -162,6 +164,9 @@ def test_cli_results_and_figures_read_the_bucket(s3_bucket, capsys):
     assert cli.main(['results', 'quickstart', '--results', root, '--columns', 'label,fid']) == 0
     fids = pd.read_parquet(os.path.join(quickstart, 'sweep.parquet'))['fid']
     assert f'{fids.iloc[0]:.6f}'[:6] in capsys.readouterr().out
+    assert cli.main(['figures', 'nosuch', '--results', root]) == 2  # nothing to draw: said, nothing made
+    assert "no results tables for experiment 'nosuch' (has it run?)" in capsys.readouterr().err
+    assert storage.list('nosuch') == []
     assert cli.main(['figures', 'quickstart', '--results', root]) == 0
     out = capsys.readouterr().out
     assert f'wrote {root}/quickstart/training_progress.png' in out and f'wrote {root}/quickstart/sweep.md' in out

@@ -1,6 +1,6 @@
 """Calibrate stage, and its calibration and likelihood tables: Ray actors estimate partial
-calibration tables over dataset chunks; the driver merges them (tasks.calibration). Each actor holds the model once. Chunks go to actors
-round-robin; if an actor dies, its chunks are recomputed on a fresh actor, and since noise
+calibration tables over dataset chunks; the driver merges them (tasks.calibration). Each actor
+holds the model once. Chunks go to actors round-robin; if an actor dies, its chunks are recomputed on a fresh actor, and since noise
 depends only on (seed, chunk, grid point), the merged table is the same.
 
 Several image counts (Calib Table 4) cost one pass over the largest: the chunks are cut into

@@ -29,8 +29,8 @@ def cmd_validate(args):
     from orchestrator import plan
     from orchestrator.storage import Storage
     s = spec_mod.load(args.spec)
-    stages = {stage.name: stage for stage in plan.make_plan(s, Storage('results'))}
-    plan.check_inputs(s)  # the trial list as a run resolves it
+    stages = {stage.name: stage for stage in plan.make_plan(s, Storage('results'))}  # the trial list as a run resolves it
+    plan.check_inputs(s)  # what a run checks before its first stage
     trials = stages['sweep'].inputs['trials'] if 'sweep' in stages else []
     snapshots = len({t['snapshot_kimg'] for t in trials})
     print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(trials)} sweep trial(s)'

@@ -10,7 +10,7 @@ while changing the sweep reuses training and calibration. Finished stages hold a
 import inspect
 from dataclasses import asdict, dataclass, field
 
-from orchestrator.spec import SpecError, sampler_kwargs, snapshot_key, stable_hash, train_config
+from orchestrator.spec import SpecError, describe_trial, sampler_kwargs, snapshot_key, stable_hash, train_config
 from orchestrator.storage import Storage, fetch, input_sha256
 from tasks import calibration, checkpoints, metrics, precond, samplers
 from tasks import data as data_mod
@@ -157,12 +157,12 @@ def load_spec_data(spec, **changes):
         raise SpecError(f'{spec.path}: data: {e}') from None
 
 
-def check_inputs(spec, dataset=None, log=print):
+def check_inputs(spec, log=print):
     """The checks that span fields and files, before any work (`validate`, and `run` before any
     stage): every snapshot alike, the model's image shape and classes against the data it is
     calibrated on or measured against and against evaluate.class, KID's subsets against the
     image counts; the data themselves are loaded (each image decoded) when the spec uses them. One
-    SpecError (or DataError) line each. dataset: the spec's data when already loaded."""
+    SpecError line each. Returns the dataset (None when no stage reads the data)."""
     where, e, c = spec.path, spec.evaluate, spec.calibrate
     files = spec.model.checkpoints()
     models = [checkpoints.load_denoiser(fetch(f), spec.model.format) for f in files]
@@ -172,8 +172,8 @@ def check_inputs(spec, dataset=None, log=print):
             raise SpecError(f'{where}: model.checkpoint[{i}]: {files[i]} takes {shape(net)}; model.checkpoint[0] takes '
                             f'{shape(models[0])}: the snapshots of one list must be of one model')
     uses_data = c is not None or (spec.sweep is not None and not e.reference_stats)
-    if dataset is None and (uses_data or not models):  # every image is decoded: a bad file fails here
-        dataset = load_spec_data(spec)
+    # Training, calibration and reference statistics read the data; every image is decoded here.
+    dataset = load_spec_data(spec) if uses_data or not models else None
     if c is not None and 'data' in c.sources() and c.counts()[-1] > len(dataset):
         raise SpecError(f'{where}: calibrate.images: {c.counts()[-1]} images asked for, but {spec.data.name} '
                         f'{spec.data.split} holds {len(dataset)} (after data.limit)')
@@ -205,14 +205,13 @@ def check_inputs(spec, dataset=None, log=print):
         raise SpecError(f'{where}: evaluate.class: {e.class_idx}, but the model has {label_dim} classes'
                         + (' (it is unconditional)' if not label_dim else f' (0..{label_dim - 1})'))
     # A sampler's sigma range reaching outside the model's own is clamped to it (EDM's generate.py): said once.
-    said = set()
+    said, nets = set(), models[:1] or [noise_levels(spec)]
     for i, t in enumerate(spec.trials()):
-        for net in models[:1] or [noise_levels(spec)]:
+        for net in nets:
             try:
                 clamped = samplers.clamped_sigma_range(t['sampler'], net, **sampler_kwargs(t))
             except ValueError as err:
-                settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(t).items())
-                raise SpecError(f'{where}: sweep.samplers: trial {i} ({t["sampler"]} {settings}): {err}') from None
+                raise SpecError(f'{where}: sweep.samplers: trial {i} ({describe_trial(t)}): {err}') from None
             if clamped and clamped not in said:
                 said.add(clamped)
                 show = lambda pair: ', '.join('default' if v is None else f'{v:g}' for v in pair)
@@ -227,6 +226,7 @@ def check_inputs(spec, dataset=None, log=print):
         raise SpecError(f'{where}: evaluate.precision_recall: k-nearest neighbours with k = {PR_NEIGHBORHOOD} need more '
                         f'than {PR_NEIGHBORHOOD} images on each side (num_images {e.num_images}, reference_images '
                         f'{e.reference_images})')
+    return dataset
 
 
 # What tasks.metrics.evaluate uses: KID on subsets of min(1000, num_images), precision/recall with k = 3.

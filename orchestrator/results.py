@@ -82,7 +82,8 @@ def read_table(storage, experiment, table):
 def experiments(storage):
     """Experiments under the root that have at least one results table."""
     storage = Storage.of(storage)
-    return [d for d in storage.list() if not d.startswith('.') and any(f'{t}.parquet' in storage.list(d) for t in TABLES)]
+    tables = {f'{t}.parquet' for t in TABLES}
+    return [d for d in storage.list() if not d.startswith('.') and tables & set(storage.list(d))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,11 +193,7 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
     import ray
     if not embedded:
         check_shared_storage(storage)
-    # The data are read only by the stages that need them: training, calibration, and reference
-    # statistics not given as a published file (a pretrained model with published statistics needs none).
-    needs_data = not spec.model.checkpoint or spec.calibrate is not None or (spec.sweep and not spec.evaluate.reference_stats)
-    dataset = plan.load_spec_data(spec) if needs_data else None
-    plan.check_inputs(spec, dataset, log=log)  # (counts against the data too)
+    dataset = plan.check_inputs(spec, log=log)  # the data, loaded once, when a stage reads them
     check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
         return _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout))

@@ -205,6 +205,17 @@ def sampler_kwargs(trial):
     return {k: v for k, v in trial.items() if k not in TRIAL_KEYS}
 
 
+def describe_trial(trial):
+    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images) @ 5 kimg'
+    (the snapshot named when the model has a training kimg)."""
+    params = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
+    per_class = ', per class' if trial.get('calibration_per_class') else ''
+    calibrated = (f' calibrated ({trial["calibration_source"]}, {trial["calibration_images"]} images{per_class})'
+                  if trial['calibrated'] else '')
+    kimg = trial.get('snapshot_kimg')
+    return f'{trial["sampler"]} {params}{calibrated}' + ('' if kimg is None else f' @ {kimg:g} kimg')
+
+
 def cpus_gpus(resources):
     """'2 CPU, 0 GPU' of a Ray resource mapping (ray.cluster_resources(), an actor's request)."""
     return f'{resources.get("CPU", 0):g} CPU, {resources.get("GPU", 0):g} GPU'
@@ -492,12 +503,11 @@ def _check_trials(spec, path):
     if spec.model.precond == 'edm':
         stand_in.sigma_min, stand_in.sigma_max = 0.0, float('inf')
     for i, trial in enumerate(spec.trials()):
-        settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
         try:
             samplers.check_settings(trial['sampler'], **sampler_kwargs(trial))  # each setting against the others
             calibration.queried_sigmas(trial['sampler'], stand_in, **sampler_kwargs(trial))
         except (ValueError, TypeError) as e:
-            _fail(path, f'sweep.samplers: trial {i} ({trial["sampler"]} {settings})', str(e))
+            _fail(path, f'sweep.samplers: trial {i} ({describe_trial(trial)})', str(e))
 
 
 def json_schema():

@@ -21,20 +21,9 @@ from tqdm import tqdm
 
 from orchestrator import results
 from orchestrator.plan import TRIALS, load_data, trial_hashes
-from orchestrator.spec import cpus_gpus, sampler_kwargs, snapshot_key, table_key
+from orchestrator.spec import cpus_gpus, describe_trial, sampler_kwargs, snapshot_key, table_key
 from orchestrator.storage import fetch, stage_input
 from tasks import calibration, checkpoints, metrics, samplers
-
-
-def describe_trial(trial):
-    """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images) @ 5 kimg'
-    (the snapshot named when the model has a training kimg)."""
-    params = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
-    per_class = ', per class' if trial.get('calibration_per_class') else ''
-    calibrated = (f' calibrated ({trial["calibration_source"]}, {trial["calibration_images"]} images{per_class})'
-                  if trial['calibrated'] else '')
-    kimg = trial.get('snapshot_kimg')
-    return f'{trial["sampler"]} {params}{calibrated}' + ('' if kimg is None else f' @ {kimg:g} kimg')
 
 
 def trial_row(trial):

@@ -242,9 +242,8 @@ def run_checkpoint_stage(stage, upstream, dataset, opts):
     any work) and made readable by remote code (stage_input)."""
     snapshots = {}
     for path, file in zip(stage.options['paths'], stage.inputs['files']):
-        fmt = stage.inputs['format'] or checkpoints.detect_format(fetch(path, file['sha256']))
-        net = checkpoints.load_denoiser(fetch(path, file['sha256']), fmt)
-        kimg = file['kimg']
+        net = checkpoints.load_denoiser(fetch(path, file['sha256']), stage.inputs['format'])
+        fmt, kimg = net.source['format'], file['kimg']
         opts.log(f'model: {path} ({fmt}, {type(net).__name__}, {net.img_channels}x{net.img_resolution}x'
                  f'{net.img_resolution}, {net.label_dim} classes, sigma {net.sigma_min:g}..{net.sigma_max:g}'
                  f'{"" if kimg is None else f", {kimg:g} kimg"})')

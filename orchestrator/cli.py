@@ -32,6 +32,9 @@ def cmd_validate(args):
     stages = {stage.name: stage for stage in plan.make_plan(s, Storage('results'))}  # the trial list as a run resolves it
     plan.check_inputs(s)  # what a run checks before its first stage
     trials = stages['sweep'].inputs['trials'] if 'sweep' in stages else []
+    if trials is None:  # a search algorithm proposes them
+        print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, sweep: {stages["sweep"].resources}')
+        return
     snapshots = len({t['snapshot_kimg'] for t in trials})
     print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, {len(trials)} sweep trial(s)'
           + (f' ({len(trials) // snapshots} settings x {snapshots} model snapshots)' if snapshots > 1 else ''))
@@ -147,7 +150,7 @@ def build_parser():
     t = sub.add_parser('results', help='list experiments, or print a results table')
     t.add_argument('experiment', nargs='?')
     # results.TABLES, spelled out: importing results (pandas) would slow every command down
-    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'likelihood', 'sweep', 'timings'))
+    t.add_argument('--table', default='sweep', choices=('train_log', 'calibration', 'likelihood', 'sweep', 'rungs', 'timings'))
     t.add_argument('--where', action='append', metavar='COLUMN=VALUE', help='keep rows whose column equals the value')
     t.add_argument('--columns', default=None, help='comma-separated columns to show')
     t.add_argument('--results', default='results')

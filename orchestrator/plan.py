@@ -8,7 +8,10 @@ while changing the sweep reuses training and calibration. Finished stages hold a
 <results root>/<experiment>/stages/<stage>-<hash>/ (orchestrator.storage: a path or a URI).
 """
 import inspect
+import math
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from orchestrator.spec import SpecError, describe_trial, sampler_kwargs, snapshot_key, stable_hash, train_config
 from orchestrator.storage import Storage, fetch, input_sha256
@@ -117,7 +120,8 @@ def make_plan(spec, storage):
     if spec.calibrate is not None:
         c = spec.calibrate
         # Each snapshot's grid from its own noise levels; a training run's snapshots share their preconditioner's.
-        grid = lambda net: [float(s) for s in calibration_sigmas(net, spec.trials())]
+        points = grid_points(spec)
+        grid = lambda net: [float(s) for s in calibration_sigmas(net, spec.trials(), points)]
         if files:
             sigmas = {snapshot_key(k): grid(noise_levels(spec, f)) for f, k in zip(files, snapshots)}
         else:
@@ -139,10 +143,20 @@ def make_plan(spec, storage):
                                               weights=weights, features=e.kid or e.precision_recall),
                             f'1 process; {e.reference_images} images', batch_size=e.batch_size, data_root=data_root,
                             inception_weights=e.inception_weights)
-        r = spec.sweep.resources
-        add('sweep', dict(trials=trials, evaluate=dict(_hashed('evaluate', asdict(e)), inception_weights=weights),
-                          interpolate=spec.calibrate is not None and spec.calibrate.interpolate),
-            f'{len(trials)} Tune trial(s) x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
+        r, search = spec.sweep.resources, spec.sweep.search
+        inputs = dict(trials=trials, evaluate=dict(_hashed('evaluate', asdict(e)), inception_weights=weights),
+                      interpolate=spec.calibrate is not None and (spec.calibrate.interpolate or grid_points(spec) is not None))
+        what = f'{len(trials)} Tune trial(s)'
+        if search is not None:
+            inputs.update(search=asdict(search), rungs=search.rungs(e.num_images), seed=spec.seed)
+            what = (f'{len(trials)} Tune trial(s), {search.scheduler.upper()} on rungs of '
+                    f'{"/".join(map(str, inputs["rungs"]))} images')
+            if search.algorithm:  # the algorithm proposes the trials: the space, not a list, is the input
+                inputs.update(trials=None, space=dict(samplers=spec.sweep.samplers, calibrations=spec.calibrations(),
+                                                      snapshots=snapshots))
+                what = f'{search.num_samples} trial(s) proposed by {search.algorithm}' + what[what.index(','):]
+        add('sweep', inputs,
+            f'{what} x {r.get("cpu", 1)} CPU, {r.get("gpu", 0)} GPU; '
             f'{e.num_images} images x {e.seed_blocks} seed block(s) each',
             [s for s in (model, calibrate, reference) if s is not None], trial_resources=r, max_failures=spec.sweep.max_failures,
             **_options('evaluate', asdict(e)))
@@ -243,23 +257,42 @@ def noise_levels(spec, checkpoint=None):
     return precond.PRECONDS[config.precond](img_resolution=1, img_channels=1, model_type=None, **config.precond_kwargs)
 
 
-def calibration_sigmas(net, trials):
+def calibration_sigmas(net, trials, points=None):
     """The calibration grid of a model (`net`: its noise levels): the union of every sigma its
     calibrated trials' samplers will query (Heun's second evaluations and stochastic sigma-hats
     included), found by running each sampler on the model's noise levels (DESIGN.md); with no
-    calibrated trial, EDM's 18-step sampler's."""
+    calibrated trial, EDM's 18-step sampler's. points: instead, that many log-spaced sigmas from
+    the smallest to the largest of them (trials: the corners of a search space, Spec.trials)."""
     grids = [calibration.queried_sigmas(t['sampler'], net, **sampler_kwargs(t)) for t in trials if t['calibrated']]
-    return calibration.union_sigmas(*(grids or [calibration.queried_sigmas('edm', net, num_steps=18)]))
+    sigmas = calibration.union_sigmas(*(grids or [calibration.queried_sigmas('edm', net, num_steps=18)]))
+    if points is None:
+        return sigmas
+    return torch.logspace(math.log10(sigmas[0]), math.log10(sigmas[-1]), points, dtype=torch.float64)
 
 
-def trial_hashes(stage, trials):
-    """The content hash of each sweep trial: its settings, the model, the calibration table it
-    uses (the calibrate stage's hash and the table's key), the evaluation settings and the
-    reference statistics."""
-    d = stage.depends
-    evaluate = stage.inputs['evaluate']
-    return [stable_hash(dict(trial=t, model=d.get('train') or d.get('checkpoint'), reference=d['reference'], evaluate=evaluate,
-                             calibration=d.get('calibrate') if t['calibrated'] else None)) for t in trials]
+# Log-spaced grid points between a search's extreme sigmas: the smallest count whose log-sigma
+# interpolation of c(sigma) is within 1% of exact tables at the off-grid sigmas in between
+# (bench/calibration_grid.py; README, "Calibration grids for searches").
+DEFAULT_GRID_POINTS = 64
+
+
+def grid_points(spec):
+    """The calibration grid's size when it is log-spaced (calibrate.grid, or the default for a
+    search over continuous ranges, which no list of sigmas foresees), else None (exact sigmas)."""
+    c = spec.calibrate
+    if c.grid is not None:
+        return c.grid['points']
+    return DEFAULT_GRID_POINTS if spec.has_ranges() and True in spec.sweep.calibrated else None
+
+
+def trial_hash(depends, evaluate, trial, rungs=None):
+    """The content hash of one sweep trial: its settings, the model, the calibration table it uses
+    (the calibrate stage's hash and the table's key), the evaluation settings and the reference
+    statistics (depends: the sweep stage's upstream hashes), and the rungs it reports at under a
+    search (a trial's rung records and feature sums are kept by this hash)."""
+    parts = dict(trial=trial, model=depends.get('train') or depends.get('checkpoint'), reference=depends['reference'],
+                 evaluate=evaluate, calibration=depends.get('calibrate') if trial['calibrated'] else None)
+    return stable_hash(parts if rungs is None else dict(parts, rungs=rungs))
 
 
 def describe(stages):

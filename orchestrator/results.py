@@ -1,7 +1,7 @@
 """The Parquet store: <results root>/<experiment>/<table>.parquet, one table per kind.
 
 Tables (columns documented in results/README.md): train_log, calibration, likelihood, sweep,
-timings. Every row carries the provenance columns of PROVENANCE. The root is a local/NFS path
+rungs, timings. Every row carries the provenance columns of PROVENANCE. The root is a local/NFS path
 or an object-store URI (orchestrator.storage); each table is written whole (a temporary name
 and a rename on a local root, one upload on an object store), so a reader never sees half a
 file. Read them with pandas, from a folder or straight from the bucket (pyarrow takes the
@@ -25,7 +25,7 @@ import pandas as pd
 
 from orchestrator.storage import Storage
 
-TABLES = ('train_log', 'calibration', 'likelihood', 'sweep', 'timings')
+TABLES = ('train_log', 'calibration', 'likelihood', 'sweep', 'rungs', 'timings')
 PROVENANCE = ('experiment', 'spec_hash', 'stage', 'stage_hash', 'code_version', 'seed', 'device', 'created_at')
 
 

@@ -8,8 +8,9 @@ path and what was expected; unknown keys are errors with a "did you mean".
     data:      {name, root, split, pad_to_32, resolution, limit, transform}
     model:     {preset, precond, network_overrides, precond_kwargs, checkpoint, format}
     train:     {total_kimg, batch_size, lr, lr_rampup_kimg, ema_halflife_kimg, ..., workers, use_gpu}  # = tasks.train.TrainConfig
-    calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size, per_class}
-    sweep:     {samplers: [{sampler: ..., <param>: value or [values]}], calibrated: [false, true], resources}
+    calibrate: {images, chunk_size, actors, gpus_per_actor, noise_draws, flips, source, batch_size, per_class, grid}
+    sweep:     {samplers: [{sampler: ..., <param>: value, [values] or {low, high, log, step}}], calibrated: [false, true],
+                resources, search: {scheduler, metric, min_images, reduction_factor, algorithm, num_samples}}
     evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights,
                 reference_stats, class}
     report:    {figures}
@@ -19,6 +20,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -110,6 +112,10 @@ class CalibrateSpec:
     # Log-sigma interpolation between grid points for sigmas off the grid (never extrapolated);
     # off, a sigma the plan did not foresee is an error naming it.
     interpolate: bool = False
+    # {points: N}: a log-spaced grid of N sigmas spanning every sigma the sweep's search space can
+    # query, used with interpolation (implied); the default for searches over continuous ranges,
+    # whose trials query sigmas no list of trials foresees. None: the exact sigmas of the trials.
+    grid: Optional[dict] = None
 
     def counts(self):
         return sorted(set(self.images)) if isinstance(self.images, list) else [self.images]
@@ -126,11 +132,33 @@ class CalibrateSpec:
 
 
 @dataclass
+class SearchSpec:
+    """How a sweep searches (sweep.search; absent: every trial of the grid at full cost)."""
+    scheduler: str = 'asha'                # asha: successive halving on sample count; fifo: every rung, none pruned
+    metric: str = 'fid'                    # lower is better; KID and precision/recall at the last rung
+    min_images: int = 500                  # the first rung; rungs grow by reduction_factor up to evaluate.num_images
+    reduction_factor: float = 3
+    algorithm: Optional[str] = None        # optuna: TPE over ranges and categories instead of the grid
+    num_samples: Optional[int] = None      # trials the algorithm proposes
+
+    def rungs(self, num_images):
+        """The image counts at which trials report: min_images * reduction_factor^k below
+        num_images (rounded up, as Tune's ASHAScheduler compares `images >= milestone`), then
+        num_images itself, whatever the factor."""
+        out, k = [], 0
+        while (n := math.ceil(self.min_images * self.reduction_factor ** k - 1e-9)) < num_images:
+            out.append(n)
+            k += 1
+        return out + [num_images]
+
+
+@dataclass
 class SweepSpec:
     samplers: list = field(default_factory=list)
     calibrated: list = field(default_factory=lambda: [False, True])
     resources: dict = field(default_factory=lambda: dict(cpu=1, gpu=0))
     max_failures: int = 1                  # Tune retries of a trial whose worker failed or died
+    search: Optional[SearchSpec] = None
 
 
 @dataclass
@@ -178,23 +206,48 @@ class Spec:
     def trials(self):
         """The sweep's grid as a list of trial configs: each sampler entry's list-valued
         parameters are crossed, then crossed with `calibrated`; calibrated trials are crossed
-        with every calibration table (source x image count) and name theirs."""
+        with every calibration table (source x image count) and name theirs. A range
+        ({low, high}: searched by sweep.search.algorithm, never a grid axis) counts as its two
+        ends: the corners of the search space, where its extreme settings and sigmas lie, so
+        checking the corners checks every point (the samplers' constraints are monotone)."""
         if self.sweep is None:
             return []
-        tables = self.calibrate.tables() if self.calibrate is not None else []
-        per_class = self.calibrate.per_class_options() if self.calibrate is not None else [False]
         out = []
         for entry in self.sweep.samplers:
             keys = list(entry)
-            axes = [v if isinstance(v, list) else [v] for v in entry.values()]
+            axes = [[v['low'], range_high(v)] if is_range(v) else v if isinstance(v, list) else [v] for v in entry.values()]
             for values in itertools.product(*axes):
-                for calibrated in self.sweep.calibrated:
-                    if not calibrated:
-                        out.append(dict(zip(keys, values), calibrated=False))
-                    for (source, n), pc in itertools.product(tables, per_class) if calibrated else ():
-                        out.append(dict(zip(keys, values), calibrated=True, calibration_source=source, calibration_images=n,
-                                        calibration_per_class=pc))
+                for calibration in self.calibrations():
+                    out.append(dict(zip(keys, values), **calibration))
         return out
+
+    def calibrations(self):
+        """What a trial can be calibrated with: {calibrated: false} and, when calibrated trials are
+        asked for, one entry per calibration table (source x image count x per class)."""
+        c = self.calibrate
+        out = [dict(calibrated=False)] if False in self.sweep.calibrated else []
+        if True in self.sweep.calibrated:
+            out += [dict(calibrated=True, calibration_source=source, calibration_images=n, calibration_per_class=pc)
+                    for (source, n), pc in itertools.product(c.tables(), c.per_class_options())]
+        return out
+
+    def has_ranges(self):
+        return self.sweep is not None and any(is_range(v) for entry in self.sweep.samplers for v in entry.values())
+
+
+def is_range(value):
+    """A sampler parameter given as a range to search ({low, high[, log][, step]})."""
+    return isinstance(value, dict)
+
+
+def range_high(r):
+    """The largest value a range can take: high, or the last step at or below it."""
+    step = r.get('step')
+    return r['high'] if not step else r['low'] + math.floor((r['high'] - r['low']) / step + 1e-9) * step
+
+
+# Sampler settings that take integers: their ranges are searched over integers.
+INTEGER_SETTINGS = ('num_steps', 'steps', 'M', 'order')
 
 
 TRIAL_KEYS = ('sampler', 'calibrated', 'calibration_source', 'calibration_images', 'calibration_per_class', 'snapshot_kimg')
@@ -208,7 +261,8 @@ def sampler_kwargs(trial):
 def describe_trial(trial):
     """A short label, e.g. 'dpm_solver order=3 steps=10 calibrated (data, 1000 images) @ 5 kimg'
     (the snapshot named when the model has a training kimg)."""
-    params = ' '.join(f'{k}={v}' for k, v in sampler_kwargs(trial).items())
+    # Floats a search proposes print to 6 significant digits (the row's `params` keeps them whole).
+    params = ' '.join(f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in sampler_kwargs(trial).items())
     per_class = ', per class' if trial.get('calibration_per_class') else ''
     calibrated = (f' calibrated ({trial["calibration_source"]}, {trial["calibration_images"]} images{per_class})'
                   if trial['calibrated'] else '')
@@ -342,6 +396,9 @@ def parse(raw, path='<spec>'):
     seed = _check_type(path, 'seed', raw.get('seed', 0), int)
     _positive(path, 'seed', seed, allow_zero=True)  # numpy's seed sequences take non-negative integers
     sections = {k: _section(path, k, raw.get(k), cls) for k, cls in SECTIONS.items() if k in raw or k not in ('calibrate', 'sweep')}
+    sweep = sections.get('sweep')
+    if sweep is not None and sweep.search is not None:
+        sweep.search = _section(path, 'sweep.search', sweep.search, SearchSpec)
     spec = Spec(experiment=name, seed=seed, path=path, **sections)
     _check_file_types(spec, path)
     _resolve_files(spec)
@@ -438,6 +495,10 @@ def _validate(spec, path):
             if not isinstance(value, bool):
                 _fail(path, 'calibrate.per_class' + (f'[{i}]' if isinstance(c.per_class, list) else ''),
                       f'expected true or false, got {value!r}')
+        if c.grid is not None:
+            if set(c.grid) != {'points'} or isinstance(c.grid['points'], bool) or not isinstance(c.grid['points'], int) \
+                    or c.grid['points'] < 2:
+                _fail(path, 'calibrate.grid', f'expected {{points: N}} with an integer N >= 2, got {c.grid!r}')
         counts = c.images if isinstance(c.images, list) else [c.images]
         if not counts:
             _fail(path, 'calibrate.images', 'empty list: give at least one image count')
@@ -459,13 +520,18 @@ def _validate(spec, path):
                 _fail(path, where, 'expected a mapping with `sampler:` (edm, ablation or dpm_solver)')
             _choice(path, f'{where}.sampler', entry['sampler'], list(SAMPLER_PARAMS))
             for key, value in entry.items():
-                if key != 'sampler' and key not in SAMPLER_PARAMS[entry['sampler']]:
+                if key == 'sampler':
+                    continue
+                if key not in SAMPLER_PARAMS[entry['sampler']]:
                     valid = sorted(SAMPLER_PARAMS[entry['sampler']])
                     _fail(path, f'{where}.{key}', f'not a parameter of {entry["sampler"]}{_did_you_mean(key, valid)}; valid: {", ".join(valid)}')
-                if key != 'sampler' and isinstance(value, list) and not value:
+                if isinstance(value, list) and not value:
                     _fail(path, f'{where}.{key}', 'empty list: give at least one value')
+                if is_range(value):
+                    _check_range(path, f'{where}.{key}', key, value, s.search)
+                    continue
                 for j, v in enumerate(value if isinstance(value, list) else [value]):
-                    problem = key != 'sampler' and samplers.check_setting(key, v)
+                    problem = samplers.check_setting(key, v)
                     if problem:
                         _fail(path, f'{where}.{key}' + (f'[{j}]' if isinstance(value, list) else ''), problem)
         for i, value in enumerate(s.calibrated):
@@ -478,6 +544,8 @@ def _validate(spec, path):
             _choice(path, f'sweep.resources.{key}', key, ('cpu', 'gpu'))
             if not isinstance(value, (int, float)) or value < 0:
                 _fail(path, f'sweep.resources.{key}', f'expected a non-negative number, got {value!r}')
+        if s.search is not None:
+            _check_search(path, s.search, e.num_images)
         _check_trials(spec, path)
     for key in ('num_images', 'reference_images', 'seed_blocks', 'batch_size'):
         _positive(path, f'evaluate.{key}', getattr(e, key))
@@ -494,6 +562,67 @@ def _validate(spec, path):
             _fail(path, 'evaluate.reference_stats', 'KID and precision/recall compare features, which a statistics file '
                                                     'does not hold: set kid and precision_recall to false')
     _positive(path, 'evaluate.class_idx', e.class_idx, allow_zero=True)
+
+
+def _check_range(path, where, name, r, search):
+    """A range of a sampler parameter: numbers in the parameter's domain, low < high, integer
+    ends and steps for integer settings, log only over positive values; searched by an algorithm."""
+    for key in r:
+        if key not in ('low', 'high', 'log', 'step'):
+            _fail(path, f'{where}.{key}', f'unknown key{_did_you_mean(key, ["low", "high", "log", "step"])}; a range has '
+                                          'low, high, log (true/false) and step')
+    integer = name in INTEGER_SETTINGS
+    for key in ('low', 'high'):
+        if key not in r:
+            _fail(path, where, 'a range needs `low` and `high`, e.g. {low: 0, high: 80}')
+        v = r[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or integer and not isinstance(v, int):
+            _fail(path, f'{where}.{key}', f'expected {"an integer" if integer else "a number"} ({name} is searched over '
+                                          f'{"integers" if integer else "numbers"}), got {v!r}')
+        problem = samplers.check_setting(name, v)
+        if problem:
+            _fail(path, f'{where}.{key}', problem)
+    if not r['low'] < r['high']:
+        _fail(path, where, f'low ({r["low"]:g}) must be below high ({r["high"]:g}); a single value needs no range')
+    if not isinstance(r.get('log', False), bool):
+        _fail(path, f'{where}.log', f'expected true or false, got {r["log"]!r}')
+    step = r.get('step')
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or integer and not isinstance(step, int):
+            _fail(path, f'{where}.step', f'expected a positive {"integer" if integer else "number"}, got {step!r}')
+        if r.get('log') and step != 1:
+            _fail(path, f'{where}', 'give either log or step: a log-scaled range has no fixed step (Optuna)')
+        if abs(range_high(r) - r['high']) > 1e-9 * max(1, abs(r['high'])):
+            _fail(path, f'{where}.step', f'high - low = {r["high"] - r["low"]:g} is not a multiple of step {step:g}')
+    if r.get('log') and r['low'] <= 0:
+        _fail(path, f'{where}.log', f'a log-scaled range needs low > 0, got {r["low"]:g}')
+    if search is None or search.algorithm is None:
+        _fail(path, where, 'a range is searched by an algorithm: set sweep.search.algorithm: optuna (a grid takes a list '
+                           'of values)')
+
+
+def _check_search(path, search, num_images):
+    w = 'sweep.search'
+    _choice(path, f'{w}.scheduler', search.scheduler, SCHEDULERS)
+    _choice(path, f'{w}.metric', search.metric, ('fid',))
+    _positive(path, f'{w}.min_images', search.min_images)
+    if search.min_images > num_images:
+        _fail(path, f'{w}.min_images', f'{search.min_images}: the first rung is above evaluate.num_images = {num_images}')
+    if search.min_images < 2:
+        _fail(path, f'{w}.min_images', 'a Frechet distance needs at least 2 images at the first rung')
+    if not search.reduction_factor > 1:
+        _fail(path, f'{w}.reduction_factor', f'must be above 1 (rungs grow by it), got {search.reduction_factor:g}')
+    if search.algorithm is not None:
+        _choice(path, f'{w}.algorithm', search.algorithm, ALGORITHMS)
+        if search.num_samples is None:
+            _fail(path, f'{w}.num_samples', f'missing: how many trials {search.algorithm} proposes')
+        _positive(path, f'{w}.num_samples', search.num_samples)
+    elif search.num_samples is not None:
+        _fail(path, f'{w}.num_samples', 'only with an algorithm (a grid runs each of its trials once)')
+
+
+SCHEDULERS = ('asha', 'fifo')
+ALGORITHMS = ('optuna',)
 
 
 def _check_trials(spec, path):

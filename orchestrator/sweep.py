@@ -1,16 +1,25 @@
 """The evaluation stages: reference (FID statistics of the data, or a published file) and sweep
-(a Ray Tune grid with one trial per sampler setting, calibrated or not), and the sweep table.
+(Ray Tune trials, one per sampler setting, calibrated or not), and the sweep tables.
 
-Each trial samples num_images images with per-image seeds, measures them against the reference
-statistics with tasks.metrics.evaluate, writes its row under the results root by its content
-hash (plan.trial_hashes) and reports it through ray.tune.report. Finished trials are never run
-again: a re-run after a crash, a pre-emption, a failed trial or an extended sweep runs only the
-trials that have no row. Trials read networks, calibration tables and Inception weights through
-the results root or the inputs' URIs (orchestrator.storage), the reference statistics from Ray's
-object store, and write their rows to the root: nothing on the driver's disk.
+A trial samples images with per-image seeds, measures them against the reference statistics and
+writes its row under the results root by its content hash (plan.trial_hash). Without a search,
+every trial of the grid samples num_images x seed_blocks images; finished trials are never run
+again. With sweep.search, a trial grows: it samples seeds 0..n-1 of the first seed block rung by
+rung (the same seeds in every trial: paired comparisons), keeps the float64 feature sums
+(metrics.FeatureStats) and reports the first block's metric at each rung, with `images` as Tune's
+time attribute, so ASHA can stop it early; promoted, it continues from its sums (no image is
+generated twice) and at num_images finishes EDM's protocol (every seed block). Its rung records and
+latest sums are kept by its hash, so a killed search, a lost node or an extended search replays
+finished rungs to the scheduler instead of sampling them again. Trials read networks,
+calibration tables and Inception weights through the results root or the inputs' URIs
+(orchestrator.storage), the reference statistics from Ray's object store: nothing on the
+driver's disk.
 """
 import dataclasses
+import io
+import math
 import os
+import random
 import tempfile
 import time
 
@@ -20,8 +29,9 @@ from ray import tune
 from tqdm import tqdm
 
 from orchestrator import results
-from orchestrator.plan import TRIALS, load_data, trial_hashes
-from orchestrator.spec import cpus_gpus, describe_trial, sampler_kwargs, snapshot_key, table_key
+from orchestrator.plan import TRIALS, load_data, trial_hash
+from orchestrator.spec import (INTEGER_SETTINGS, cpus_gpus, describe_trial, is_range, sampler_kwargs, snapshot_key, stable_hash,
+                               table_key)
 from orchestrator.storage import fetch, stage_input
 from tasks import calibration, checkpoints, metrics, samplers
 
@@ -34,10 +44,84 @@ def trial_row(trial):
                 params=sampler_kwargs(trial))
 
 
-def _trial(config):
-    item, ctx = config['item'], config['context']
-    trial = item['trial']
-    start = time.time()
+def hash_of(trial, ctx):
+    """A trial's content hash; under a search it covers the scheduler and its rungs too (a
+    stopped trial's row is final for the same scheduler settings)."""
+    schedule = ctx['search'] and dict(scheduler=ctx['search']['scheduler'], rungs=ctx['rungs'])
+    return trial_hash(ctx['depends'], ctx['evaluate'], trial, schedule or None)
+
+
+def row_key(h):
+    return f'{TRIALS}/{h}.json'
+
+
+def state_key(h):
+    """A growing trial's rung records and latest feature sums (one set per trial, ~32 MiB)."""
+    return f'{TRIALS}/{h}.state.pt'
+
+
+def load_state(storage, h):
+    """(rung records, FeatureStats or None) a trial kept, or ([], None)."""
+    if not storage.exists(state_key(h)):
+        return [], None
+    s = torch.load(io.BytesIO(storage.read_bytes(state_key(h))), weights_only=True)
+    return s['records'], metrics.FeatureStats.from_state(s['stats'])
+
+
+def save_state(storage, h, records, stats):
+    buffer = io.BytesIO()
+    torch.save(dict(records=records, stats=stats.state()), buffer)
+    storage.write_bytes(state_key(h), buffer.getvalue())
+
+
+def tune_result(record, metric, new_images=0):
+    """What Tune's scheduler and search algorithm see of a rung: `images` (the time attribute),
+    the search metric (the first seed block's Frechet distance at that rung) and how many images
+    were sampled for it in this run (0 when replayed)."""
+    return dict(images=record['images'], **{metric: record[record['metric']]}, new_images=new_images)
+
+
+def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu'):
+    """Measure `trial` rung by rung (ctx['rungs']): report(record, new_images) at each rung below
+    num_images, after save(records, stats) has kept what it measured. Rungs in `records` (an
+    earlier run's) are reported again, not sampled; sampling continues from `stats`, the first
+    seed block's feature sums over seeds 0..stats.n-1. At num_images the full protocol
+    (metrics.evaluate with the measured first block) gives the row's metrics: returns
+    (its result, the images sampled for the last rung and the other seed blocks)."""
+    e, kwargs = ctx, dict(sampler_kwargs(trial), class_idx=ctx['class_idx'])
+    keep = e['kid'] or e['precision_recall']
+    stats = stats or metrics.FeatureStats(dim=getattr(extractor, 'dim', metrics.FEATURES), keep_features=keep)
+    name, nfe = metrics.metric_name(extractor), None
+    for n in e['rungs']:
+        done = [r for r in records if r['images'] == n]
+        if done:  # measured in an earlier run: the scheduler hears it again, nothing is sampled
+            nfe = done[0]['nfe']
+            report(done[0], 0)
+            continue
+        start, new = time.time(), n - stats.n
+        more, nfe = metrics.sample_statistics(net, range(stats.n, n), extractor, trial['sampler'], e['batch_size'], device,
+                                              keep_features=keep, **kwargs)
+        stats.merge(more)
+        value = metrics.frechet_distance(*stats.statistics(), reference['mu'], reference['sigma'])
+        record = dict(images=n, metric=name, **{name: value}, nfe=nfe, seconds=time.time() - start)
+        records.append(record)
+        if n < e['num_images']:
+            save(records, stats)
+            report(record, new)
+    result = metrics.evaluate(net, reference, extractor, e['num_images'], trial['sampler'], seed_blocks=e['seed_blocks'],
+                              batch_size=e['batch_size'], device=device, kid=e['kid'], precision_recall=e['precision_recall'],
+                              first_block=(stats, nfe), **kwargs)
+    return result, new + (e['seed_blocks'] - 1) * e['num_images']
+
+
+def _trial(config, ctx):
+    trial, start = config['trial'], time.time()
+    storage, h, metric = ctx['storage'], hash_of(trial, ctx), ctx['metric']
+    if storage.exists(row_key(h)):  # final: its rungs replayed to the scheduler (a search only; a grid skips it)
+        for record in storage.read_json(row_key(h)).get('rungs', []):
+            tune.report(tune_result(record, metric))
+        return
+    records, stats = load_state(storage, h)
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
     net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
@@ -50,21 +134,23 @@ def _trial(config):
             table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
             net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                                  per_class=trial['calibration_per_class'])
-        result = metrics.evaluate(net, reference, extractor, ctx['num_images'], trial['sampler'], seed_blocks=ctx['seed_blocks'],
-                                  batch_size=ctx['batch_size'], device=device, kid=ctx['kid'],
-                                  precision_recall=ctx['precision_recall'], class_idx=ctx['class_idx'], **sampler_kwargs(trial))
+        result, new = grow(net, reference, extractor, trial, ctx, records, stats, device=device,
+                           report=lambda record, new: tune.report(tune_result(record, metric, new)),
+                      save=lambda records, stats: save_state(storage, h, records, stats))
     except (samplers.NonFiniteSamples, calibration.CalibrationError) as e:
         # Deterministic (the same seeds give the same NaN; a table that does not fit stays so):
         # reported, not raised, so Tune does not retry it; the driver gives it an error row and the
         # run fails naming it. No row is kept.
-        tune.report(dict(error=f'{type(e).__name__}: {e}'))
+        tune.report({'error': f'{type(e).__name__}: {e}', metric: math.nan})
         return
-    row = dict(trial_row(trial), trial_hash=item['hash'],
+    row = dict(trial_row(trial), trial_hash=h, images=ctx['num_images'], stopped=False, rungs=records,
                **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
-    # The row is kept as soon as the trial ends, so a killed driver or a later run reuses it.
-    ctx['storage'].write_json(f'{TRIALS}/{item["hash"]}.json', row)
-    tune.report({k: v for k, v in row.items() if isinstance(v, (int, float, str))})
+    # The row is kept before the last report (a scheduler may end the trial there) and as soon as
+    # the trial ends, so a killed driver or a later run reuses it; the sums are no longer needed.
+    storage.write_json(row_key(h), row)
+    storage.delete(state_key(h))
+    tune.report(dict({k: v for k, v in row.items() if isinstance(v, (int, float, str))}, **tune_result(records[-1], metric, new)))
 
 
 class _ProgressBar(tune.Callback):
@@ -72,7 +158,7 @@ class _ProgressBar(tune.Callback):
 
     def __init__(self, total, reused):
         self.bar = tqdm(total=total, initial=reused, unit='trial', desc='sweep')
-        self.running, self.failed = set(), 0
+        self.running, self.failed, self.new_images = set(), 0, 0
         self.changed = time.monotonic()  # when a trial last started or ended (_Stalled reads it)
         self._show()
 
@@ -87,6 +173,9 @@ class _ProgressBar(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
         self._show()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.new_images += result.get('new_images', 0)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -137,56 +226,156 @@ class _Stalled(tune.Stopper):
         return self.stalled
 
 
-def run_sweep(trials, hashes, context, resources, storage_path, max_failures=1, verbose=False, log=print, stall_timeout=None):
-    """Rows of the sweep table, one per entry of `trials` (with content hashes `hashes`), and
-    the labels of the trials that failed. Trials finished before (a row under <root>/.trials of
-    context['storage']) are reused; the others run as one Tune grid (its experiment state under
-    storage_path), each retried up to max_failures times. A failed trial's row holds its error
-    and no metrics. context: snapshots (the model stage's outputs: {snapshot_key: network URI,
-    format, kimg}), tables ({table_key: URI}), interpolate, reference (ObjectRef of the
-    statistics), storage, class_idx, num_images, seed_blocks, batch_size, kid, precision_recall,
-    inception_weights ((URI, sha256) or None). stall_timeout: seconds with trials waiting and none
-    running after which the sweep ends (its missing trials named)."""
-    storage = context['storage']
-    row_key = lambda h: f'{TRIALS}/{h}.json'
-    todo = [dict(hash=h, trial=t) for h, t in zip(hashes, trials) if not storage.exists(row_key(h))]
-    log(f'sweep: {len(trials) - len(todo)} of {len(trials)} trial(s) finished before and reused; {len(todo)} to run')
-    errors = {}
-    if todo:
+def optuna_space(space):
+    """Tune's OptunaSearch define-by-run function over a sweep's search space (plan: sampler
+    entries, calibrations, snapshots): which entry, then each of its ranges (suggest_float, or
+    suggest_int for integer settings) and lists (categorical), which calibration and which
+    snapshot (categorical). The whole trial config is returned as `trial`, as a grid's is."""
+    entries, calibrations, snapshots = space['samplers'], space['calibrations'], space['snapshots']
+    names = [calibration_name(c) for c in calibrations]
+
+    def define(ot):
+        i = ot.suggest_categorical('sampler', list(range(len(entries)))) if len(entries) > 1 else 0
+        trial = {}
+        for key, value in entries[i].items():
+            name = key if len(entries) == 1 else f'{i}.{key}'  # each entry's parameters are its own
+            if is_range(value):
+                step = {'step': value['step']} if value.get('step') else {}
+                suggest = ot.suggest_int if key in INTEGER_SETTINGS else ot.suggest_float
+                trial[key] = suggest(name, value['low'], value['high'], log=value.get('log', False), **step)
+            elif isinstance(value, list) and key != 'sampler':
+                trial[key] = ot.suggest_categorical(name, value)
+            else:
+                trial[key] = value
+        c = calibrations[names.index(ot.suggest_categorical('calibration', names))] if len(names) > 1 else calibrations[0]
+        kimg = ot.suggest_categorical('snapshot_kimg', snapshots) if len(snapshots) > 1 else snapshots[0]
+        return dict(trial=dict(trial, **c, snapshot_kimg=kimg))
+    return define
+
+
+def calibration_name(c):
+    """A calibration choice as a search parameter: uncalibrated, or source/images[/per-class]."""
+    if not c['calibrated']:
+        return 'uncalibrated'
+    return f'{c["calibration_source"]}/{c["calibration_images"]}' + ('/per-class' if c['calibration_per_class'] else '')
+
+
+def run_sweep(context, resources, storage_path, trials=None, space=None, history_key=None, max_failures=1, verbose=False,
+              log=print, stall_timeout=None):
+    """Rows of the sweep table, one per trial, and the labels of the trials that failed.
+    trials: the grid (trial configs); space: a search space (plan) that context['search']'s
+    algorithm proposes num_samples trials from, its proposals kept under history_key so that a
+    re-run proposes them again first. Without a search, trials finished before (a row under
+    <root>/.trials of context['storage']) are reused and the others run as one Tune grid; with one,
+    every trial goes to Tune (finished rungs replayed to the scheduler, not sampled) in an order
+    shuffled by context['seed']. The Tune experiment state goes under storage_path; each trial is
+    retried up to max_failures times. A failed trial's row holds its error and no metrics; a
+    trial the scheduler stopped gets its last rung's row (stopped: true). context: snapshots (the
+    model stage's outputs: {snapshot_key: network URI, format, kimg}), tables ({table_key: URI}),
+    interpolate, reference (ObjectRef of the statistics), storage, depends and evaluate (for
+    trial hashes), search (the spec's, as a dict, or None), rungs, seed, metric, class_idx,
+    num_images, seed_blocks, batch_size, kid, precision_recall, inception_weights ((URI, sha256)
+    or None). stall_timeout: seconds with trials waiting and none running after which the sweep
+    ends (its missing trials named)."""
+    storage, search = context['storage'], context['search']
+    if trials is not None:
+        todo = [t for t in trials if search or not storage.exists(row_key(hash_of(t, context)))]
+        finished = sum(storage.exists(row_key(hash_of(t, context))) for t in trials)
+        log(f'sweep: {finished} of {len(trials)} trial(s) finished before and reused'
+            + (' (their rungs replayed to the scheduler)' if search and finished else '') + f'; {len(trials) - finished} to run')
+        if search and search['scheduler'] == 'asha':
+            # Asynchronous halving promotes whatever reaches a rung first: a grid listed from worst to
+            # best would cost nearly the whole grid. A fixed shuffle (the spec's seed) breaks that order.
+            random.Random(context['seed']).shuffle(todo)
+    errors, ran = {}, []
+    progress = None
+    if trials is None or todo:
         # Tune's new console output prints its experiment box even at verbose=0; the classic one is silent.
         os.environ['RAY_AIR_NEW_OUTPUT'] = '1' if verbose else '0'
         # Ctrl-C stops the run (cli.main) as in every other stage, not only Tune's loop, which would
         # otherwise end the trials and return as if the sweep had finished.
         os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
-        progress = _ProgressBar(len(trials), len(trials) - len(todo))
+        total = len(trials) if trials is not None else search['num_samples']
+        progress = _ProgressBar(total, total - len(todo) if trials is not None and not search else 0)
         stalled = _Stalled(progress, stall_timeout)
+        callbacks, tune_config, param_space = [progress], {}, dict(trial=tune.grid_search(todo) if trials is not None else None)
+        if search:
+            scheduler = tune.schedulers.FIFOScheduler() if search['scheduler'] == 'fifo' else tune.schedulers.ASHAScheduler(
+                time_attr='images', max_t=context['num_images'], grace_period=search['min_images'],
+                reduction_factor=search['reduction_factor'])
+            tune_config = dict(metric=context['metric'], mode='min', scheduler=scheduler)
+        if trials is None:
+            from ray.tune.search.optuna import OptunaSearch
+            history = storage.read_json(history_key) if storage.exists(history_key) else []
+            points = history[:search['num_samples']]
+            log(f'sweep: {search["algorithm"]} proposes {search["num_samples"]} trial(s)'
+                + (f', first the {len(points)} of the earlier run (their finished rungs replayed)' if points else ''))
+            tune_config.update(num_samples=search['num_samples'], search_alg=OptunaSearch(
+                space=optuna_space(space), metric=context['metric'], mode='min', seed=context['seed'],
+                points_to_evaluate=points or None))
+            callbacks.append(_History(storage, history_key, history))
+            param_space = {}
         tuner = tune.Tuner(
-            tune.with_resources(_trial, {k: v for k, v in resources.items() if v}),
-            param_space=dict(item=tune.grid_search(todo), context=context),
+            tune.with_resources(tune.with_parameters(_trial, ctx=context), {k: v for k, v in resources.items() if v}),
+            param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
             # Tune's own tables only with verbose; each trial's output goes to files in its folder.
             run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=1 if verbose else 0,
                                       storage_path=storage_path, log_to_file=True,
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
-                                      callbacks=[progress], stop=stalled))
+                                      callbacks=callbacks, stop=stalled))
         for result in tuner.fit():
+            trial = result.config['trial']
+            h = hash_of(trial, context)
+            ran.append((h, trial))
             if result.error is not None:
                 text = str(result.error).strip().splitlines()
-                errors[result.config['item']['hash']] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
+                errors[h] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
             elif (result.metrics or {}).get('error'):  # a trial that reported its own failure (not retried)
-                errors[result.config['item']['hash']] = result.metrics['error']
+                errors[h] = result.metrics['error']
+            elif not storage.exists(row_key(h)) and (result.metrics or {}).get('images', 0) < context['num_images']:
+                stop_trial(storage, h, trial)  # ended by the scheduler below num_images
         if stalled.stalled:
             ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
             log(f'sweep: no progress for {stall_timeout:g} s: trials wait for a worker ({ask} each); the cluster has '
                 f'{cpus_gpus(ray.available_resources())} free of {cpus_gpus(ray.cluster_resources())}; the sweep stopped')
-            for item in todo:
-                errors.setdefault(item['hash'], f'not run: no resources for {stall_timeout:g} s')
+            for t in todo:
+                errors.setdefault(hash_of(t, context), f'not run: no resources for {stall_timeout:g} s')
+        stopped = sum(storage.exists(row_key(h)) and storage.read_json(row_key(h)).get('stopped') for h in dict(ran))
+        log(f'sweep: {progress.new_images} image(s) sampled in this run'
+            + (f'; {stopped} of {len(dict(ran))} trial(s) stopped early by {search["scheduler"].upper()}' if search else ''))
+    listed = [(hash_of(t, context), t) for t in trials] if trials is not None else list(dict(ran).items())
     rows = []
-    for h, trial in zip(hashes, trials):
+    for h, trial in dict(listed).items():
         if storage.exists(row_key(h)):
             rows.append(storage.read_json(row_key(h)))
         else:
             rows.append(dict(trial_row(trial), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)')))
     return rows, [r['label'] for r in rows if r.get('error')]
+
+
+def stop_trial(storage, h, trial):
+    """The final row of a trial the scheduler stopped: its last rung's first-block metric, with
+    `images` that rung's count and stopped: true. Its feature sums are no longer needed."""
+    records, _ = load_state(storage, h)
+    if not records:
+        return
+    last = records[-1]
+    storage.write_json(row_key(h), dict(trial_row(trial), trial_hash=h, images=last['images'], stopped=True, rungs=records,
+                                        **{last['metric']: last[last['metric']]}, nfe=last['nfe'], num_samples=last['images'],
+                                        seed_blocks=1, wall_time=sum(r['seconds'] for r in records)))
+    storage.delete(state_key(h))
+
+
+class _History(tune.Callback):
+    """Keeps the search algorithm's proposals (their parameters, in order) under the results
+    root as trials start, so a re-run of the search gives them to the algorithm first."""
+
+    def __init__(self, storage, key, earlier):
+        self.storage, self.key, self.earlier, self.started = storage, key, list(earlier), []
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.append({k: v for k, v in trial.config.items() if k != 'trial'})
+        self.storage.write_json(self.key, self.earlier + self.started[len(self.earlier):])
 
 
 def run_reference_stage(stage, upstream, dataset, opts):
@@ -218,21 +407,31 @@ def run_reference_stage(stage, upstream, dataset, opts):
 def run_sweep_stage(stage, upstream, dataset, opts):
     e = dict(stage.inputs['evaluate'], batch_size=stage.options['batch_size'])
     reference = metrics.load_reference_statistics(fetch(upstream['reference']['stats']), features=e['kid'] or e['precision_recall'])
-    weights = stage.options['inception_weights']
+    weights, search = stage.options['inception_weights'], stage.inputs.get('search')
     context = dict(snapshots=(upstream.get('train') or upstream['checkpoint'])['snapshots'],
                    tables=upstream.get('calibrate', {}).get('tables', {}), interpolate=stage.inputs['interpolate'],
-                   reference=ray.put(reference), storage=stage.storage,
+                   reference=ray.put(reference), storage=stage.storage, depends=stage.depends, evaluate=stage.inputs['evaluate'],
+                   search=search, rungs=stage.inputs.get('rungs') or [e['num_images']], seed=stage.inputs.get('seed', 0),
+                   metric=search['metric'] if search else 'fid',
                    inception_weights=weights and (stage_input(stage.storage, weights, e['inception_weights']), e['inception_weights']),
                    **{k: e[k] for k in ('class_idx', 'num_images', 'seed_blocks', 'batch_size', 'kid', 'precision_recall')})
-    trials = stage.inputs['trials']
-    rows, failed = run_sweep(trials, trial_hashes(stage, trials), context, stage.options['trial_resources'],
-                             stage.storage.uri(stage.key, 'ray'), max_failures=stage.options['max_failures'],
-                             verbose=opts.verbose, log=opts.log, stall_timeout=opts.stall_timeout)
+    space = stage.inputs.get('space')
+    # An algorithm's proposals are kept by what they depend on, not by num_samples: a larger search reuses them.
+    history = space and f'{TRIALS}/search-{stable_hash(dict(space=space, search=dict(search, num_samples=None), depends=stage.depends, evaluate=stage.inputs["evaluate"]))}.json'
+    rows, failed = run_sweep(context, stage.options['trial_resources'], stage.storage.uri(stage.key, 'ray'),
+                             trials=stage.inputs['trials'], space=space, history_key=history,
+                             max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
+                             stall_timeout=opts.stall_timeout)
     uri = stage.storage.write_json(f'{stage.key}/rows.json', rows)
     return dict(rows=uri, trials=len(rows), failed=failed)
 
 
 def write_sweep_table(spec, stage, outputs, prov):
+    """sweep.parquet (a row per trial) and rungs.parquet (a row per trial and rung it reported)."""
     rows = stage.storage.read_json(f'{stage.key}/rows.json')
     results.write_table(stage.storage, spec.experiment, 'sweep',
                         [dict(r, evaluate=dataclasses.asdict(spec.evaluate)) for r in rows], prov)
+    rungs = [dict(trial_hash=r['trial_hash'], label=r['label'], rung=i, images=record['images'],
+                  **{record['metric']: record[record['metric']]}, nfe=record['nfe'], seconds=record['seconds'])
+             for r in rows for i, record in enumerate(r.get('rungs') or [])]
+    results.write_table(stage.storage, spec.experiment, 'rungs', rungs, prov)

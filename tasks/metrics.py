@@ -155,7 +155,10 @@ def _has_classifier(sd):
 class InceptionFeatures:
     """2048-d pool features of uint8 images [N, C, H, W] (C = 1 or 3), float64 [N, 2048].
     `weights` is an InceptionWeights (the real network) or, for plumbing tests, a state dict
-    with `name` saying what it is (its distances are then not called FID)."""
+    with `name` saying what it is (its distances are then not called FID). Any object with
+    __call__ (uint8 images -> float64 features), dim, batch_size, is_fid_network and provenance
+    can stand in for it (the tests' cheap extractors do)."""
+    dim = FEATURES
 
     def __init__(self, weights, device='cpu', batch_size=64, name=None):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -224,6 +227,34 @@ class FeatureStats:
 
     def all_features(self):
         return torch.cat(self.features)
+
+    def merge(self, other):
+        """Add another set's sums (and features): the statistics of both sets together, exactly
+        as if every feature had been added here (sums in float64, as EDM2 keeps them)."""
+        if (self.features is None) != (other.features is None) or self.sum.shape != other.sum.shape:
+            raise MetricsError('feature sets that do not match (feature size, or one keeps features and the other not)')
+        self.n += other.n
+        self.sum += other.sum
+        self.sum_outer += other.sum_outer
+        if self.features is not None:
+            self.features.extend(other.features)
+        return self
+
+    def state(self):
+        """Plain tensors and numbers (torch.save, torch.load(weights_only=True)): from_state."""
+        return dict(n=self.n, sum=self.sum, sum_outer=self.sum_outer,
+                    features=None if self.features is None else (torch.cat(self.features) if self.features else
+                                                                 torch.zeros(0, len(self.sum))))
+
+    @classmethod
+    def from_state(cls, s):
+        stats = cls(dim=len(s['sum']), keep_features=s['features'] is not None)
+        stats.n, stats.sum, stats.sum_outer = int(s['n']), s['sum'].to(torch.float64), s['sum_outer'].to(torch.float64)
+        if s['features'] is not None and len(s['features']):
+            stats.features.append(s['features'].to(torch.float32))
+        if stats.sum_outer.shape != (len(stats.sum),) * 2 or stats.features and len(stats.features[0]) != stats.n:
+            raise MetricsError(f'feature sums of {stats.n} images with inconsistent shapes: not a FeatureStats state')
+        return stats
 
     def statistics(self):
         """(mu, sigma) as numpy float64; sigma is the unbiased covariance (np.cov)."""
@@ -357,7 +388,7 @@ def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, devic
     seeds = samplers_mod.check_seeds(seeds)
     class_labels = samplers_mod.check_class_labels(sampler_kwargs.pop('class_labels', None), len(seeds),
                                                    samplers_mod.label_dim_of(net))
-    stats, nfe = FeatureStats(keep_features=keep_features), None
+    stats, nfe = FeatureStats(dim=getattr(extractor, 'dim', FEATURES), keep_features=keep_features), None
     for start in range(0, len(seeds), batch_size):
         batch_labels = None if class_labels is None else class_labels[start:start + batch_size]
         images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
@@ -366,19 +397,33 @@ def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, devic
     return stats, nfe
 
 
+def metric_name(extractor):
+    """What the Frechet distance of `extractor`'s features is called in results: fid on the FID
+    Inception network only."""
+    return 'fid' if extractor.is_fid_network else 'frechet_distance'
+
+
 def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1, batch_size=64, device='cpu',
-             kid=False, precision_recall=False, kid_subset_size=1000, **sampler_kwargs):
+             kid=False, precision_recall=False, kid_subset_size=1000, first_block=None, **sampler_kwargs):
     """FID (or, off the FID network, a labelled Frechet distance) of num_images samples against
     `reference` (reference_statistics). EDM's protocol: block b uses seeds b*N .. (b+1)*N - 1;
     with seed_blocks = 3 the minimum and the mean over blocks are reported. KID and precision/recall
     need the reference's features (reference_statistics(keep_features=True)). class_labels (among
     sampler_kwargs): num_images class indices or a [num_images, label_dim] one-hot tensor, the same
-    for every seed block (samplers.check_class_labels)."""
-    key = 'fid' if extractor.is_fid_network else 'frechet_distance'
+    for every seed block (samplers.check_class_labels). first_block: (FeatureStats, nfe) of block 0
+    when it was already measured (a search's trial grows it rung by rung); it must hold num_images
+    images, with features when KID or precision/recall are asked for."""
+    key = metric_name(extractor)
     values, extra = [], {}
+    if first_block is not None and (first_block[0].n != num_images or (kid or precision_recall) and first_block[0].features is None):
+        raise MetricsError(f'the measured first seed block holds {first_block[0].n} images'
+                           f'{"" if first_block[0].features is not None else " without features"}; expected {num_images}')
     for b in range(seed_blocks):
-        stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
-                                       device, keep_features=(kid or precision_recall) and b == 0, **sampler_kwargs)
+        if b == 0 and first_block is not None:
+            stats, nfe = first_block
+        else:
+            stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
+                                           device, keep_features=(kid or precision_recall) and b == 0, **sampler_kwargs)
         values.append(frechet_distance(*stats.statistics(), reference['mu'], reference['sigma']))
         if b == 0 and (kid or precision_recall):
             if 'features' not in reference:

@@ -226,15 +226,19 @@ class _Stalled(tune.Stopper):
         return self.stalled
 
 
-def optuna_space(space):
+class OptunaSpace:
     """Tune's OptunaSearch define-by-run function over a sweep's search space (plan: sampler
     entries, calibrations, snapshots): which entry, then each of its ranges (suggest_float, or
     suggest_int for integer settings) and lists (categorical), which calibration and which
-    snapshot (categorical). The whole trial config is returned as `trial`, as a grid's is."""
-    entries, calibrations, snapshots = space['samplers'], space['calibrations'], space['snapshots']
-    names = [calibration_name(c) for c in calibrations]
+    snapshot (categorical). The whole trial config is returned as `trial`, as a grid's is. (A
+    class, not a closure: Tune pickles its searcher with the experiment state.)"""
 
-    def define(ot):
+    def __init__(self, space):
+        self.space = space
+
+    def __call__(self, ot):
+        entries, calibrations, snapshots = self.space['samplers'], self.space['calibrations'], self.space['snapshots']
+        names = [calibration_name(c) for c in calibrations]
         i = ot.suggest_categorical('sampler', list(range(len(entries)))) if len(entries) > 1 else 0
         trial = {}
         for key, value in entries[i].items():
@@ -250,7 +254,6 @@ def optuna_space(space):
         c = calibrations[names.index(ot.suggest_categorical('calibration', names))] if len(names) > 1 else calibrations[0]
         kimg = ot.suggest_categorical('snapshot_kimg', snapshots) if len(snapshots) > 1 else snapshots[0]
         return dict(trial=dict(trial, **c, snapshot_kimg=kimg))
-    return define
 
 
 def calibration_name(c):
@@ -288,33 +291,35 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
             # best would cost nearly the whole grid. A fixed shuffle (the spec's seed) breaks that order.
             random.Random(context['seed']).shuffle(todo)
     errors, ran = {}, []
-    progress = None
     if trials is None or todo:
         # Tune's new console output prints its experiment box even at verbose=0; the classic one is silent.
         os.environ['RAY_AIR_NEW_OUTPUT'] = '1' if verbose else '0'
         # Ctrl-C stops the run (cli.main) as in every other stage, not only Tune's loop, which would
         # otherwise end the trials and return as if the sweep had finished.
         os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
-        total = len(trials) if trials is not None else search['num_samples']
-        progress = _ProgressBar(total, total - len(todo) if trials is not None and not search else 0)
-        stalled = _Stalled(progress, stall_timeout)
-        callbacks, tune_config, param_space = [progress], {}, dict(trial=tune.grid_search(todo) if trials is not None else None)
+        callbacks, tune_config, param_space = [], {}, dict(trial=tune.grid_search(todo) if trials is not None else None)
         if search:
             scheduler = tune.schedulers.FIFOScheduler() if search['scheduler'] == 'fifo' else tune.schedulers.ASHAScheduler(
                 time_attr='images', max_t=context['num_images'], grace_period=search['min_images'],
                 reduction_factor=search['reduction_factor'])
             tune_config = dict(metric=context['metric'], mode='min', scheduler=scheduler)
         if trials is None:
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
+            optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
             history = storage.read_json(history_key) if storage.exists(history_key) else []
             points = history[:search['num_samples']]
             log(f'sweep: {search["algorithm"]} proposes {search["num_samples"]} trial(s)'
                 + (f', first the {len(points)} of the earlier run (their finished rungs replayed)' if points else ''))
             tune_config.update(num_samples=search['num_samples'], search_alg=OptunaSearch(
-                space=optuna_space(space), metric=context['metric'], mode='min', seed=context['seed'],
+                space=OptunaSpace(space), metric=context['metric'], mode='min', seed=context['seed'],
                 points_to_evaluate=points or None))
             callbacks.append(_History(storage, history_key, history))
             param_space = {}
+        total = len(trials) if trials is not None else search['num_samples']
+        progress = _ProgressBar(total, total - len(todo) if trials is not None and not search else 0)
+        stalled = _Stalled(progress, stall_timeout)
+        callbacks.append(progress)
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, ctx=context), {k: v for k, v in resources.items() if v}),
             param_space=param_space, tune_config=tune.TuneConfig(**tune_config),

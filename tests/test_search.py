@@ -1,0 +1,303 @@
+"""Sweeps that search (sweep.search): rungs, validation, trials that grow from kept feature sums,
+resume, paired seeds, Optuna's search space and the calibration grid of a search. The trial
+logic is tested on a Gaussian-mixture oracle with a stand-in feature extractor (the pixels):
+what is tested is the bookkeeping, not Inception."""
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from orchestrator import plan, spec, sweep
+from tasks import data, metrics, oracles
+
+fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
+needs_fashion = pytest.mark.skipif(not fashion_present, reason=f'Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}')
+
+SPEC = dict(
+    experiment='search', seed=0, data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=512),
+    model=dict(preset='ddpmpp-tiny'),
+    sweep=dict(samplers=[dict(sampler='edm', num_steps=[8, 18], S_churn=[0, 40])], calibrated=[False],
+               search=dict(min_images=500, reduction_factor=3)),
+    evaluate=dict(num_images=50000),
+)
+
+
+def _parse(**changes):
+    """SPEC with `section__key` (or `section__key__key`) changed, parsed."""
+    raw = yaml.safe_load(yaml.safe_dump(SPEC))
+    for name, value in changes.items():
+        *where, key = name.split('__')
+        d = raw
+        for w in where:
+            d = d.setdefault(w, {})
+        if value is None:
+            d.pop(key, None)
+        else:
+            d[key] = value
+    return spec.parse(raw, 's.yaml')
+
+
+# ---------------------------------------------------------------------------------------------
+# Rungs and validation.
+
+@pytest.mark.parametrize('min_images, factor, num_images', [(500, 3, 50000), (3, 2, 12), (100, 2.5, 1000), (16, 4, 1024),
+                                                            (200, 4, 200), (7, 3, 100)])
+def test_rungs_are_ashas_milestones_then_num_images(min_images, factor, num_images):
+    """A trial reports at every milestone Tune's ASHAScheduler compares at (min_t * rf^k below
+    max_t, its own bracket arithmetic) and at num_images, whatever the factor."""
+    from ray.tune.schedulers.async_hyperband import _Bracket
+    milestones = sorted(m for m, _ in _Bracket(min_images, num_images, factor, 0)._rungs if m < num_images)
+    rungs = spec.SearchSpec(min_images=min_images, reduction_factor=factor).rungs(num_images)
+    assert rungs == [math.ceil(m) for m in milestones] + [num_images]
+    assert rungs == sorted(set(rungs)) and all(isinstance(n, int) for n in rungs)
+
+
+def test_rungs_of_the_issue_example():
+    assert spec.SearchSpec(min_images=500, reduction_factor=3).rungs(50000) == [500, 1500, 4500, 13500, 40500, 50000]
+
+
+@pytest.mark.parametrize('changes, message', [
+    (dict(sweep__samplers=[dict(sampler='edm', S_churn=dict(low=0, high=80))]),
+     r'sweep.samplers\[0\].S_churn: a range is searched by an algorithm: set sweep.search.algorithm: optuna'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', S_noise=dict(low=0, high=1.01))]),
+     r'sweep.samplers\[0\].S_noise.low: expected a positive finite number, got 0'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', S_min=dict(low=0, high=10), S_max=dict(low=1, high=50))]),
+     r'trial \d+ \(edm S_min=10 S_max=1\): S_min: 10 is above S_max = 1'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', num_steps=dict(low=8, high=40.5))]),
+     r'num_steps.high: expected an integer \(num_steps is searched over integers\), got 40.5'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', num_steps=dict(low=8, high=40, step=5))]),
+     r'num_steps.step: high - low = 32 is not a multiple of step 5'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', S_churn=dict(low=0, high=80, log=True))]),
+     r'S_churn.log: a log-scaled range needs low > 0, got 0'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', rho=dict(low=9, high=3))]), r'rho: low \(9\) must be below high \(3\)'),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='edm', rho=dict(low=3, hihg=9))]), r"rho.hihg: unknown key \(did you mean 'high'\?\)"),
+    (dict(sweep__search__algorithm='optuna', sweep__search__num_samples=8,
+          sweep__samplers=[dict(sampler='dpm_solver', order=dict(low=1, high=3), steps=dict(low=2, high=10))]),
+     r'steps: 2 is fewer than order = 3'),
+    (dict(sweep__search__num_samples=8), r'sweep.search.num_samples: only with an algorithm'),
+    (dict(sweep__search__algorithm='optuna'), r'sweep.search.num_samples: missing: how many trials optuna proposes'),
+    (dict(sweep__search__algorithm='tpe', sweep__search__num_samples=4), r"sweep.search.algorithm: 'tpe' is not one of: optuna"),
+    (dict(sweep__search__scheduler='asah'), r"sweep.search.scheduler: 'asah' is not one of: asha, fifo \(did you mean 'asha'\?\)"),
+    (dict(sweep__search__metric='kid'), r"sweep.search.metric: 'kid' is not one of: fid"),
+    (dict(sweep__search__min_images=60000), r'sweep.search.min_images: 60000: the first rung is above evaluate.num_images = 50000'),
+    (dict(sweep__search__min_images=1), r'sweep.search.min_images: a Frechet distance needs at least 2 images'),
+    (dict(sweep__search__reduction_factor=1), r'sweep.search.reduction_factor: must be above 1'),
+    (dict(sweep__search__grace=3), r"sweep.search.grace: unknown key; valid: scheduler, metric, min_images"),
+    (dict(calibrate=dict(grid=dict(points=1))), r'calibrate.grid: expected \{points: N\} with an integer N >= 2'),
+])
+def test_search_and_range_validation(changes, message):
+    with pytest.raises(spec.SpecError, match=message):
+        _parse(**changes)
+
+
+def test_a_valid_search_plans_rungs_and_its_space():
+    s = _parse(sweep__search__algorithm='optuna', sweep__search__num_samples=16,
+               sweep__samplers=[dict(sampler='edm', num_steps=dict(low=8, high=40, step=1), S_churn=dict(low=0, high=80),
+                                     S_noise=dict(low=1.0, high=1.010), rho=dict(low=3, high=9, log=True))])
+    stage = {st.name: st for st in plan.make_plan(s, 'results')}['sweep']
+    assert stage.inputs['trials'] is None and stage.inputs['rungs'] == [500, 1500, 4500, 13500, 40500, 50000]
+    assert stage.inputs['space']['samplers'] == s.sweep.samplers
+    assert '16 trial(s) proposed by optuna, ASHA on rungs of 500/1500/4500/13500/40500/50000 images' in stage.resources
+    # The grid's trials are the corners of the space: 2^4 settings.
+    assert len(s.trials()) == 16 and {t['num_steps'] for t in s.trials()} == {8, 40}
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature sums and trials that grow.
+
+def test_feature_sums_merge_to_the_single_pass_statistics():
+    """Sums over parts, merged (and kept through torch.save / weights_only load), give the mean
+    and covariance of all features at once, to 1e-12, as numpy computes them."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 12, generator=g, dtype=torch.float64) * 3 + torch.linspace(-5, 5, 12, dtype=torch.float64)
+    whole = metrics.FeatureStats(dim=12)
+    whole.add(f)
+    merged = metrics.FeatureStats(dim=12, keep_features=True)
+    for part in (f[:7], f[7:100], f[100:]):
+        more = metrics.FeatureStats(dim=12, keep_features=True)
+        more.add(part)
+        buffer = io.BytesIO()
+        torch.save(more.state(), buffer)
+        merged.merge(metrics.FeatureStats.from_state(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)))
+    mu, sigma = merged.statistics()
+    assert merged.n == 300 and torch.equal(merged.all_features(), f.float())
+    np.testing.assert_allclose(mu, f.mean(0).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f.numpy(), rowvar=False), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, whole.statistics()[1], rtol=1e-12, atol=1e-12)
+    with pytest.raises(metrics.MetricsError, match='feature sets that do not match'):
+        merged.merge(whole)
+
+
+class PixelFeatures:
+    """A stand-in extractor: the 16 pixels of 1x4x4 images."""
+    dim, batch_size, is_fid_network, name = 16, 64, False, 'pixels'
+    provenance = dict(feature_extractor='pixels', weights_source='not the FID network', weights_sha256=None)
+
+    def __call__(self, images):
+        return images.flatten(1).to(torch.float64)
+
+
+NET = oracles.GaussianMixtureDenoiser([0.5, 0.5], [[0.5] * 16, [-0.5] * 16], [0.05, 0.05], shape=(1, 4, 4))
+CTX = dict(rungs=[4, 12, 36], num_images=36, seed_blocks=2, batch_size=5, kid=False, precision_recall=False, class_idx=None)
+TRIAL = dict(sampler='edm', num_steps=6, calibrated=False, snapshot_kimg=None)
+
+
+@pytest.fixture
+def generated(monkeypatch):
+    """The seeds of every image the sampler generates, in order."""
+    seeds, generate = [], metrics.samplers_mod.generate
+
+    def recording(net, batch_seeds, *args, **kwargs):
+        seeds.extend(int(s) for s in batch_seeds)
+        return generate(net, batch_seeds, *args, **kwargs)
+    monkeypatch.setattr(metrics.samplers_mod, 'generate', recording)
+    return seeds
+
+
+def _reference():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(200, 16, generator=g, dtype=torch.float64) * 0.4 + 0.1
+    return dict(mu=f.mean(0).numpy(), sigma=np.cov(f.numpy(), rowvar=False), count=200, sha256='x')
+
+
+def _grow(trial=TRIAL, records=(), stats=None, report=None, saved=None):
+    reports, saved = [], [] if saved is None else saved
+
+    def save(records, stats):  # as save_state keeps them: through torch.save and a weights_only load
+        buffer = io.BytesIO()
+        torch.save(dict(records=records, stats=stats.state()), buffer)
+        saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    out = sweep.grow(NET, _reference(), PixelFeatures(), trial, CTX, list(records), stats,
+                     report=report or (lambda record, new: reports.append((dict(record), new))), save=save)
+    return out, reports, saved
+
+
+def test_a_promoted_trial_generates_no_image_twice_and_matches_one_pass(generated):
+    """Rungs 4, 12, 36 and a second seed block: seeds 0..71 each generated once; each rung's
+    value is the Frechet distance of the first n images in one pass, and the final result is
+    metrics.evaluate's on the same seeds."""
+    (result, new), reports, saved = _grow()
+    assert sorted(generated) == list(range(72)) and len(generated) == 72
+    assert [(r['images'], n) for r, n in reports] == [(4, 4), (12, 8)] and new == 24 + 36
+    reference = _reference()
+    for record, _ in reports:
+        single = metrics.evaluate(NET, reference, PixelFeatures(), record['images'], 'edm', batch_size=7, num_steps=6)
+        assert record['frechet_distance'] == pytest.approx(single['frechet_distance'], rel=1e-9)
+    full = metrics.evaluate(NET, reference, PixelFeatures(), 36, 'edm', seed_blocks=2, batch_size=7, num_steps=6)
+    assert result['frechet_distance_blocks'] == pytest.approx(full['frechet_distance_blocks'], rel=1e-9)
+    assert result['frechet_distance'] == pytest.approx(full['frechet_distance'], rel=1e-9)
+    assert [s['records'][-1]['images'] for s in saved] == [4, 12]  # kept before each report
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_trial_resumes_from_its_sums_reusing_every_finished_rung(generated):
+    """Killed at its second rung's report: the re-run reports rungs 4 and 12 again from the kept
+    records (sampling nothing for them), continues from seed 12 and ends bit for bit where the
+    uninterrupted trial ends."""
+    (uninterrupted, _), reports, _ = _grow()
+    generated.clear()
+    saved = []
+
+    def report(record, new):
+        if record['images'] == 12:
+            raise _Killed
+    with pytest.raises(_Killed):
+        _grow(report=report, saved=saved)
+    assert generated == list(range(12))
+    generated.clear()
+    kept = saved[-1]
+    (resumed, new), replayed, _ = _grow(records=kept['records'], stats=metrics.FeatureStats.from_state(kept['stats']))
+    assert [n for _, n in replayed] == [0, 0]
+    values = lambda rs: [(r['images'], r['frechet_distance'], r['nfe']) for r, _ in rs]
+    assert values(replayed) == values(reports)
+    assert generated == list(range(12, 72)) and new == 24 + 36
+    assert resumed['frechet_distance_blocks'] == uninterrupted['frechet_distance_blocks']
+
+
+def test_paired_seeds_across_trials(generated):
+    """Two settings see the same seeds at every rung: their comparison is paired."""
+    _grow()
+    first = list(generated)
+    generated.clear()
+    _grow(dict(TRIAL, num_steps=12, S_churn=10))
+    assert generated == first
+
+
+# ---------------------------------------------------------------------------------------------
+# Optuna's search space and the calibration grid of a search.
+
+SEARCH = dict(sweep__search__algorithm='optuna', sweep__search__num_samples=16, sweep__calibrated=[False, True],
+              calibrate=dict(images=[500, 1000], chunk_size=500),
+              sweep__samplers=[dict(sampler='edm', num_steps=dict(low=8, high=40, step=1), S_churn=dict(low=0, high=80),
+                                    S_noise=dict(low=1.0, high=1.010), S_max=[50, float('inf')]),
+                               dict(sampler='dpm_solver', order=[2, 3], steps=dict(low=10, high=20, step=2))])
+
+
+def test_optuna_proposes_trials_inside_the_space_and_replays_kept_proposals():
+    """Every proposal is a valid trial of one entry: ranges within bounds (integers for integer
+    settings, on the step), lists and calibrations as categories; the parameters the driver keeps
+    (everything but `trial`), enqueued in a new study, give the same trials (a re-run's resume)."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    s = _parse(**SEARCH)
+    space = {st.name: st for st in plan.make_plan(s, 'results')}['sweep'].inputs['space']
+    define, study = sweep.OptunaSpace(space), optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    proposals = []
+    for _ in range(40):
+        ot = study.ask()
+        trial = define(ot)['trial']
+        proposals.append((dict(ot.params), trial))
+        study.tell(ot, 1.0)
+        if trial['sampler'] == 'edm':
+            assert 8 <= trial['num_steps'] <= 40 and isinstance(trial['num_steps'], int)
+            assert 0 <= trial['S_churn'] <= 80 and 1.0 <= trial['S_noise'] <= 1.01 and trial['S_max'] in (50, float('inf'))
+        else:
+            assert trial['order'] in (2, 3) and trial['steps'] in range(10, 21, 2)
+        assert trial['snapshot_kimg'] == s.train.total_kimg
+        assert trial in [dict(t, **{k: trial[k] for k in spec.sampler_kwargs(trial)}, snapshot_kimg=trial['snapshot_kimg'])
+                         for t in s.trials() if t['sampler'] == trial['sampler']]  # its calibration is one of the grid's
+    assert {t['sampler'] for _, t in proposals} == {'edm', 'dpm_solver'}
+    assert {sweep.calibration_name(t) for _, t in proposals} == {'uncalibrated', 'data/500', 'data/1000'}
+    again = optuna.create_study()
+    for params, _ in proposals:
+        again.enqueue_trial(params)
+    assert [define(again.ask())['trial'] for _ in proposals] == [t for _, t in proposals]
+
+
+def test_a_search_over_ranges_calibrates_on_a_log_grid_spanning_every_queried_sigma():
+    """Calibrated trials over continuous ranges: DEFAULT_GRID_POINTS log-spaced sigmas from EDM's
+    sigma_min = 0.002 to the largest t_hat any setting reaches: sigma_max (1 + gamma) with
+    gamma = min(S_churn / N, sqrt(2) - 1) (EDM Algorithm 2) at most 80 sqrt(2); calibrate.grid
+    sets the count; interpolation is implied."""
+    s = _parse(**dict(SEARCH, sweep__samplers=SEARCH['sweep__samplers'][:1]))  # EDM's sampler alone
+    stages = {st.name: st for st in plan.make_plan(s, 'results')}
+    grid = torch.tensor(stages['calibrate'].inputs['sigmas'][spec.snapshot_key(s.train.total_kimg)], dtype=torch.float64)
+    assert len(grid) == plan.DEFAULT_GRID_POINTS and stages['sweep'].inputs['interpolate']
+    assert grid[0].item() == pytest.approx(0.002, rel=1e-12) and grid[-1].item() == pytest.approx(80 * math.sqrt(2), rel=1e-12)
+    ratios = grid[1:].log() - grid[:-1].log()
+    assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-9)
+    s = _parse(**SEARCH, calibrate__grid=dict(points=33))
+    sigmas = {st.name: st for st in plan.make_plan(s, 'results')}['calibrate'].inputs['sigmas']
+    assert [len(g) for g in sigmas.values()] == [33]
+    # A grid of lists keeps the exact sigmas its trials query; uncalibrated searches need no grid.
+    exact = _parse(calibrate=dict(images=500, chunk_size=500), sweep__calibrated=[True])
+    assert plan.grid_points(exact) is None and not {st.name: st for st in plan.make_plan(exact, 'results')}['sweep'].inputs['interpolate']

@@ -8,7 +8,10 @@ sweep.md: every number as a table; calibration.png: ||E[eps]||^2 per sigma (Cali
 With several training snapshots (train.snapshots_kimg, or a list of checkpoints): the figures
 above show the last snapshot, and training_progress.png / .md show calibration across training
 (the term per snapshot, the likelihood-bound gain, the metric with and without calibration with
-seed-block spread). The NFE figures and sweep.md show the last snapshot.
+seed-block spread). The NFE figures and sweep.md show the last snapshot. A sweep that searched
+(sweep.search) adds rungs.png (each trial's metric against the images it had at each rung: the
+pruning) and search.png (the metric at the first rung, which every trial reached, over each
+searched parameter); its NFE figures and sweep.md show the trials that reached num_images.
 """
 import json
 import os
@@ -160,6 +163,57 @@ def calibration_figure(df, path):
     return _save(fig, ax, path)
 
 
+def rungs_figure(rungs, sweep, path, title=''):
+    """Each trial's metric against its images at each rung (log x): stopped trials grey,
+    finished ones in colour, the best finished one labelled."""
+    metric = metric_column(rungs)
+    stopped = dict(zip(sweep['trial_hash'], sweep['stopped'].fillna(False).astype(bool)))
+    final = sweep[~sweep['trial_hash'].map(stopped)].dropna(subset=[metric])
+    best = final.loc[final[metric].idxmin(), 'trial_hash'] if len(final) else None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for h, g in rungs.groupby('trial_hash'):
+        g = g.sort_values('images')
+        if stopped.get(h, False):
+            ax.plot(g['images'], g[metric], '-', marker='.', color='0.7', lw=0.8)
+        else:
+            ax.plot(g['images'], g[metric], '-', marker='o', lw=2 if h == best else 1,
+                    label=g['label'].iloc[0] + (' (best)' if h == best else ''))
+    ax.plot([], [], '-', marker='.', color='0.7', label=f'stopped early ({sum(stopped.values())} trials)')
+    ax.set_xscale('log')
+    ax.set_xlabel('generated images (first seed block; the same seeds in every trial)')
+    ax.set_ylabel(('FID' if metric == 'fid' else 'Frechet distance (NOT FID: other features)') + ' at the rung')
+    ax.set_title(title or 'successive halving: the metric at each rung')
+    return _save(fig, ax, path)
+
+
+def search_figure(rungs, sweep, path, title=''):
+    """The metric at the first rung (every trial reached it: comparable values) over each
+    numeric parameter that differs between trials, one panel each; stopped trials hollow."""
+    metric = metric_column(rungs)
+    first = rungs[rungs['images'] == rungs['images'].min()].set_index('trial_hash')[metric]
+    params = sweep.set_index('trial_hash')['params'].map(lambda p: json.loads(p) if isinstance(p, str) else dict(p))
+    table = pd.DataFrame(list(params), index=params.index)
+    numeric = [c for c in table.columns if pd.to_numeric(table[c], errors='coerce').notna().all() and table[c].nunique() > 1]
+    if not numeric:
+        return None
+    stopped = sweep.set_index('trial_hash')['stopped'].fillna(False).astype(bool)
+    fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 3.4), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], numeric):
+        x = pd.to_numeric(table[name]).reindex(first.index)
+        done = ~stopped.reindex(first.index)
+        ax.scatter(x[done], first[done], label='reached num_images')
+        ax.scatter(x[~done], first[~done], facecolors='none', edgecolors='0.5', label='stopped early')
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f'{"FID" if metric == "fid" else "Frechet distance (NOT FID)"} at {int(rungs["images"].min())} images')
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title or 'the metric over each searched parameter (first rung)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _last_snapshot(df):
     """The rows of the last training snapshot (figures over NFE or image count show one model)."""
     if 'snapshot_kimg' in df.columns and df['snapshot_kimg'].nunique() > 1:
@@ -293,6 +347,12 @@ def _render(storage, experiment, out_dir):
     except FileNotFoundError:
         sweep = None
     if sweep is not None and len(sweep):
+        rungs = results.read_table(storage, experiment, 'rungs') if storage.exists(results.table_key(experiment, 'rungs')) else None
+        if rungs is not None and 'stopped' in sweep.columns and rungs['images'].nunique() > 1:  # the sweep searched
+            written.append(rungs_figure(rungs, sweep, os.path.join(out_dir, 'rungs.png'), title=f'{experiment}: rungs'))
+            written.append(search_figure(rungs, sweep, os.path.join(out_dir, 'search.png'), title=f'{experiment}: search'))
+            written = [w for w in written if w]
+            sweep = sweep[~sweep['stopped'].fillna(False).astype(bool)]  # metrics of num_images samples only below
         last = _last_snapshot(sweep)
         kimg = last['snapshot_kimg'].iloc[0] if 'snapshot_kimg' in last.columns and len(last) < len(sweep) else None
         if last['nfe'].nunique() > 1:  # a line needs two NFEs (one NFE: sweep.md and training_progress say it all)

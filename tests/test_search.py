@@ -301,3 +301,99 @@ def test_a_search_over_ranges_calibrates_on_a_log_grid_spanning_every_queried_si
     # A grid of lists keeps the exact sigmas its trials query; uncalibrated searches need no grid.
     exact = _parse(calibrate=dict(images=500, chunk_size=500), sweep__calibrated=[True])
     assert plan.grid_points(exact) is None and not {st.name: st for st in plan.make_plan(exact, 'results')}['sweep'].inputs['interpolate']
+
+
+# ---------------------------------------------------------------------------------------------
+# A search on the embedded cluster, killed and run again.
+
+def _orchestrator(*args):
+    return [sys.executable, '-m', 'orchestrator', *args]
+
+
+@needs_fashion
+@pytest.mark.ray
+def test_a_killed_search_reuses_every_finished_rung(tmp_path):
+    """The driver and its cluster SIGKILLed once a trial has kept a rung: the re-run samples only
+    what no earlier run measured (each trial's images beyond its kept rungs), its kept rung records
+    land unchanged in rungs.parquet (the same seconds: not measured again), and every row is
+    either finished (images = num_images, EDM's protocol) or stopped at a rung with that rung's
+    first-block value."""
+    from orchestrator.storage import Storage
+    from tasks import train as tasks_train
+    ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=64)
+    tasks_train.train(tasks_train.TrainConfig(batch_size=16, total_kimg=0.016, kimg_per_tick=0.016), ds, str(tmp_path), progress=False)
+    raw = dict(experiment='killed', seed=0, data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=64),
+               model=dict(checkpoint=str(tmp_path / tasks_train.NETWORK)),
+               sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=[4, 6, 8])], calibrated=[False],
+                          search=dict(min_images=4, reduction_factor=2)),
+               evaluate=dict(num_images=16, reference_images=16, batch_size=4))
+    path, root = tmp_path / 'killed.yaml', tmp_path / 'results'
+    path.write_text(yaml.safe_dump(raw))
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(_orchestrator('run', str(path), '--results', str(root)), cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    storage, deadline = Storage(str(root)), time.time() + 300
+    try:
+        while not any(n.endswith('.state.pt') for n in storage.list('.trials')) and time.time() < deadline:
+            assert proc.poll() is None, 'the run ended before any rung was kept'
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        subprocess.run(['pkill', '-9', '-f', rf'session_[0-9_-]+_{proc.pid}\b'])
+    # A trial's worker outlives its raylet for a moment (its command line does not name the
+    # session) and may still keep a rung: read what is kept once nothing changes any more.
+    snapshot = lambda: {n: os.stat(root / '.trials' / n).st_mtime for n in os.listdir(root / '.trials')}
+    last, stable = snapshot(), 0
+    while stable < 3 and time.time() < deadline + 60:
+        time.sleep(1)
+        now = snapshot()
+        stable, last = (stable + 1 if now == last else 0), now
+    kept = {}
+    for name in storage.list('.trials'):
+        h = name.split('.')[0]
+        if name.endswith('.state.pt'):
+            kept[h] = sweep.load_state(storage, h)[0]
+        elif name.endswith('.json') and not name.startswith('search-'):
+            kept[h] = storage.read_json(f'.trials/{name}')['rungs']
+    assert kept, 'no rung was kept before the kill'
+    out = subprocess.run(_orchestrator('run', str(path), '--results', str(root)), cwd=cwd, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import pandas as pd
+    rows = pd.read_parquet(root / 'killed' / 'sweep.parquet').set_index('trial_hash')
+    rungs = pd.read_parquet(root / 'killed' / 'rungs.parquet')
+    assert len(rows) == 3
+    for h, row in rows.iterrows():
+        mine = rungs[rungs['trial_hash'] == h].sort_values('images')
+        assert list(mine['images']) == [4, 8, 16][:len(mine)] and mine['images'].iloc[-1] == row['images']
+        if row['stopped']:
+            assert row['images'] < 16 and row['fid'] == mine['fid'].iloc[-1]
+        else:
+            assert row['images'] == 16 and row['num_samples'] == 16
+        for record in kept.get(h, []):  # kept before the kill: reported again, not measured again
+            again = mine[mine['images'] == record['images']].iloc[0]
+            assert (again['fid'], again['seconds']) == (record['fid'], record['seconds'])
+    expected = sum(row['images'] - (kept[h][-1]['images'] if kept.get(h) else 0) for h, row in rows.iterrows())
+    assert f'sweep: {expected} image(s) sampled in this run' in out.stdout, out.stdout[-3000:]
+
+
+def test_the_search_specs_search_what_the_papers_gridded():
+    """edm-stochastic-search: EDM Sec. 4's four stochastic parameters as ranges around EDM's
+    CIFAR-10 choice (S_churn 30, S_tmin 0.01, S_tmax 1, S_noise 1.007), ASHA + Optuna, EDM's
+    protocol at the last rung; calib-table1-search: calib-table1's grid, halved."""
+    with open('specs/edm-stochastic-search.yaml') as f:
+        edm = yaml.safe_load(f)
+    entry, search = edm['sweep']['samplers'][0], edm['sweep']['search']
+    for name, value in dict(S_churn=30, S_min=0.01, S_max=1, S_noise=1.007).items():
+        assert entry[name]['low'] <= value <= entry[name]['high'], name
+    assert (search['scheduler'], search['algorithm'], edm['evaluate']['num_images'], edm['evaluate']['seed_blocks']) == \
+        ('asha', 'optuna', 50000, 3)
+    with open('specs/edm-cifar10-pretrained.yaml') as f:
+        assert edm['model'] == yaml.safe_load(f)['model']
+    with open('specs/calib-table1.yaml') as f:
+        table1 = yaml.safe_load(f)
+    with open('specs/calib-table1-search.yaml') as f:
+        searched = yaml.safe_load(f)
+    assert searched['sweep'].pop('search')['scheduler'] == 'asha' and searched['sweep'] == table1['sweep']
+    assert {k: v for k, v in searched.items() if k != 'experiment'} == {k: v for k, v in table1.items() if k != 'experiment'}

@@ -85,3 +85,23 @@ def test_training_progress_from_parquet_rows(tmp_path):
     # The NFE table and figure show the last snapshot only.
     sweep_md = open(os.path.join(root, 'prog', 'sweep.md')).read()
     assert '100.00' in sweep_md and '350.00' not in sweep_md
+
+
+def test_search_figures_from_the_sweep_and_rungs_tables(tmp_path):
+    """A search's tables: rungs.png and search.png; the NFE figure and sweep.md hold only the
+    trials that reached num_images (a stopped trial's value is of fewer images)."""
+    rows, rungs = [], []
+    for i, (steps, stopped) in enumerate(((4, True), (6, False), (10, False), (16, True))):
+        values = [300.0 - 10 * steps, 280.0 - 10 * steps, 250.0 - 10 * steps][:1 if stopped else 3]
+        row = dict(_row(steps, False, fid=values[-1]), trial_hash=f'h{i}', stopped=stopped, images=[32, 96, 256][len(values) - 1])
+        rows.append(row)
+        rungs += [dict(trial_hash=f'h{i}', label=row['label'], rung=k, images=[32, 96, 256][k], fid=v, nfe=steps, seconds=1.0)
+                  for k, v in enumerate(values)]
+    root = str(tmp_path)
+    results.write_table(root, 'fig', 'sweep', rows, PROV)
+    results.write_table(root, 'fig', 'rungs', rungs, PROV)
+    written = {os.path.basename(p) for p in figures.render(root, 'fig')}
+    assert {'rungs.png', 'search.png', 'fid_vs_nfe.png', 'sweep.md'} <= written
+    md = open(os.path.join(root, 'fig', 'sweep.md')).read()
+    assert f'{rows[1]["fid"]:.2f}' in md and f'{rows[2]["fid"]:.2f}' in md
+    assert f'{rows[0]["fid"]:.2f}' not in md and f'{rows[3]["fid"]:.2f}' not in md

@@ -397,3 +397,46 @@ def test_the_search_specs_search_what_the_papers_gridded():
         searched = yaml.safe_load(f)
     assert searched['sweep'].pop('search')['scheduler'] == 'asha' and searched['sweep'] == table1['sweep']
     assert {k: v for k, v in searched.items() if k != 'experiment'} == {k: v for k, v in table1.items() if k != 'experiment'}
+
+
+def _interpolation_error(points, c, lo=0.002, hi=80 * math.sqrt(2)):
+    """Max relative error of the table's log-sigma interpolation of c (exact at the grid points)
+    at every log-midpoint and at 200 log-uniform sigmas in between."""
+    from tasks import calibration
+    grid = torch.logspace(math.log10(lo), math.log10(hi), points, dtype=torch.float64)
+    table = calibration.CalibrationTable(grid, (1,))
+    for k, s in enumerate(grid):
+        table.add(k, c(s).reshape(1, 1), torch.zeros(1, 1))
+    g = torch.Generator().manual_seed(0)
+    between = torch.cat([(grid[1:] * grid[:-1]).sqrt(),
+                         torch.exp(math.log(lo) + torch.rand(200, generator=g, dtype=torch.float64) * math.log(hi / lo))])
+    exact = torch.stack([c(s) for s in between])
+    return float(((table.lookup(between, interpolate=True).reshape(-1) - exact).abs() / exact.abs()).max())
+
+
+@pytest.mark.parametrize('shift, v_model', [(1.0, 0.5), (-2.0, 4.0), (1.0, 0.01)])
+def test_the_default_calibration_grid_interpolates_within_one_percent(shift, v_model):
+    """Data N(m, v), model the exact denoiser of N(m', v'): c(sigma) = E[D] - E[y]
+    = (m' - m) sigma^2 / (sigma^2 + v') (the estimator agrees: the next test).
+    Where c ~ sigma^2, interpolation in log sigma errs by cosh(h) - 1 for a step h: under 1% needs
+    h <= arccosh(1.01), 79 points over EDM's 0.002 .. 80 sqrt(2). The default grid is within 1%,
+    a coarser one (65 points) is not."""
+    c = lambda s: torch.as_tensor(shift * s ** 2 / (s ** 2 + v_model), dtype=torch.float64)
+    assert _interpolation_error(plan.DEFAULT_GRID_POINTS, c) < 0.01
+    assert _interpolation_error(65, c) > 0.01
+    needed = 1 + math.log(80 * math.sqrt(2) / 0.002) / math.acosh(1.01)
+    assert plan.DEFAULT_GRID_POINTS >= math.ceil(needed) == 79
+
+
+def test_the_gaussian_closed_form_is_what_the_estimator_estimates():
+    """The closed form above against tasks.calibration.estimate_table on the oracle denoiser of
+    N(m', v') with data from N(m, v): within 4 standard errors at several sigmas."""
+    from tasks import calibration
+    m, v, m_model, v_model = 0.0, 1.0, -1.0, 0.5
+    net = oracles.GaussianMixtureDenoiser([1.0], [[m_model]], [v_model])
+    y = m + math.sqrt(v) * torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = [0.05, 0.5, 1.0, 5.0]
+    table = calibration.estimate_table(net, y, sigmas, chunk_size=5000)
+    for k, s in enumerate(sigmas):
+        expected = (m_model - m) * s ** 2 / (s ** 2 + v_model)
+        assert abs(float(table.offset()[0, k, 0]) - expected) < 4 * float(table.standard_error()[0, k, 0]) + 1e-12

@@ -175,7 +175,9 @@ def run_calibrate_stage(stage, upstream, dataset, opts):
         net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format'])  # fits: plan.check_inputs
         sigmas = torch.tensor(stage.inputs['sigmas'][key], dtype=torch.float64)
         name = f'{key}: ' if len(snapshots) > 1 else ''
-        opts.log(f'calibrate: {name}{len(sigmas)} sigmas (every sigma the calibrated trials will query)')
+        opts.log(f'calibrate: {name}{len(sigmas)} sigmas ' + (
+            f'log-spaced over [{sigmas[0]:.4g}, {sigmas[-1]:.4g}], where every sigma the search can query lies (looked up '
+            'by interpolation)' if stage.options.get('grid_points') else '(every sigma the calibrated trials will query)'))
         meta = dict(model=calibration.fingerprint(net), dataset=dataset.content_hash(), shape=list(dataset.images.shape[1:]),
                     snapshot_kimg=model['kimg'])
         folder = f'{stage.key}/{key}'  # partial tables, tables and figures of this snapshot

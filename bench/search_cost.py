@@ -61,15 +61,20 @@ def run(args, name, samplers, search, trained=None):
     path, root = os.path.join(args.out, f'{name}.yaml'), os.path.join(args.out, name)
     with open(path, 'w') as f:
         yaml.safe_dump(spec(args, samplers, search, trained), f)
-    start = time.time()
-    proc = subprocess.run([sys.executable, '-m', 'orchestrator', 'run', path, '--results', root], cwd=ROOT,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f'{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    start, log = time.time(), os.path.join(args.out, f'{name}.log')
+    if not args.tables_only:
+        proc = subprocess.run([sys.executable, '-m', 'orchestrator', 'run', path, '--results', root], cwd=ROOT,
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f'{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+        with open(log, 'w') as f:
+            f.write(proc.stdout)
+    with open(log) as f:
+        stdout = f.read()
     folder = os.path.join(root, 'search-bench')
     sweep, rungs = (pd.read_parquet(os.path.join(folder, f'{t}.parquet')) for t in ('sweep', 'rungs'))
     timings = pd.read_parquet(os.path.join(folder, 'timings.parquet')).set_index('stage')
-    sampled = int(re.search(r'sweep: (\d+) image\(s\) sampled in this run', proc.stdout).group(1))
+    sampled = int(re.search(r'sweep: (\d+) image\(s\) sampled in this run', stdout).group(1))
     counted = int(sum(r['images'] + (0 if r['stopped'] else (r['seed_blocks'] - 1) * r['num_samples']) for _, r in sweep.iterrows()))
     if sampled < counted or sampled > counted and not search.get('algorithm'):
         sys.exit(f'{name}: the trials say they sampled {sampled} images, the tables hold {counted}')
@@ -131,6 +136,7 @@ def main():
     p.add_argument('--factor', type=float, default=3)
     p.add_argument('--kimg', type=float, default=10)
     p.add_argument('--out', default='/tmp/search-bench')
+    p.add_argument('--tables-only', action='store_true', help='print the tables of the runs already under --out')
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     print(f'command: {" ".join(sys.argv)}; device: CPU ({os.cpu_count()} cores)', flush=True)
@@ -144,13 +150,14 @@ def main():
     blocks = grid['fid_blocks'].map(lambda b: json.loads(b) if isinstance(b, str) else list(b))
     grid = grid.assign(spread=blocks.map(lambda b: max(b) - min(b)))
     best = grid.loc[grid['fid'].idxmin()]
-    by_label = grid.set_index('label')['fid']
+    setting = lambda label: label.split(' @ ')[0]  # the snapshot's kimg: nominal for the grid's training, actual in the file
+    by_setting = dict(zip(grid['label'].map(setting), grid['fid']))
 
     def found(table):
         done = table[~table['stopped']]
         pick = done.loc[done['fid'].idxmin()]
-        value = by_label.get(pick['label'], pick['fid'])
-        return pick['label'], value, pick['label'] == best['label'] or value - best['fid'] <= best['spread']
+        value = by_setting.get(setting(pick['label']), pick['fid'])
+        return setting(pick['label']), value, setting(pick['label']) == setting(best['label']) or value - best['fid'] <= best['spread']
 
     second = grid_rungs[grid_rungs['images'] == rungs[1]].set_index('label')['fid']
     rho_grid = spearman(second.reindex(grid['label']).to_numpy(), grid['fid'].to_numpy())
@@ -161,7 +168,7 @@ def main():
     print('\n| run | trials | images sampled | share of the grid | sweep wall time | best setting found | its FID (grid) |')
     print('|---|---|---|---|---|---|---|')
     print(f'| grid (every trial to {args.num_images} x 2 blocks) | {len(grid)} | {grid_images} | 100% | {grid_wall:.0f} s | '
-          f'{best["label"]} | {best["fid"]:.2f} (block spread {best["spread"]:.2f}) |')
+          f'{setting(best["label"])} | {best["fid"]:.2f} (block spread {best["spread"]:.2f}) |')
     for name, table, images, wall in (('ASHA on the grid', asha, asha_images, asha_wall),
                                       ('Optuna + ASHA on ranges', optuna, optuna_images, optuna_wall)):
         label, value, ok = found(table)
@@ -169,23 +176,29 @@ def main():
               f'({"the best, or within its spread" if ok else "NOT within the best spread"}) |')
     print(f'\nSpearman rank correlation, rung {rungs[1]} images vs the grid\'s final metric (all {len(grid)} settings): '
           f'{rho_grid:.2f}; Optuna trials that reached both ({len(both)}): {rho_optuna:.2f}')
-    # Replay: ASHA over the grid's recorded rungs (settings resampled for 24 and 48), 2 workers as here.
+    # Replay: ASHA over the grid's recorded rungs, 2 workers as here. Beyond 12 settings, resampled
+    # copies, each shifted by its own constant drawn from N(0, s^2), s = the grid's median seed-block
+    # spread: a copy stands for another setting of about the same quality (exact copies would tie,
+    # and every copy of a top setting would run to the end).
     table = grid_rungs.pivot_table(index='label', columns='images', values='fid')[rungs]
     trajectories = table.to_numpy()
     extra = args.num_images  # the second seed block of a finished trial
-    rng = np.random.default_rng(0)
-    print('\n| settings | ASHA share of the grid\'s images (replay, mean of 200 shuffles, 2 workers) |\n|---|---|')
+    rng, s = np.random.default_rng(0), float(grid['spread'].median())
+
+    def resample(n):
+        return trajectories if n == len(trajectories) else \
+            trajectories[rng.integers(0, len(trajectories), n)] + rng.normal(0, s, (n, 1))
+    print(f'\n| settings | ASHA share of the grid\'s images (replay, mean of 200 shuffles, 2 workers; copies shifted by '
+          f'N(0, {s:.2f}^2)) |\n|---|---|')
     for n in (12, 24, 48):
-        picked = trajectories if n == 12 else trajectories[rng.integers(0, len(trajectories), n)]
-        print(f'| {n} | {replay_share(picked, rungs, args.factor, 2, extra):.0%} |')
+        print(f'| {n} | {replay_share(resample(n), rungs, args.factor, 2, extra):.0%} |')
     # Projection: edm-stochastic-search (64 settings, rungs 500 x 3^k to 50,000, 3 seed blocks, one
     # GPU: one trial at a time), each setting's metric at the target rungs interpolated along its
     # recorded trajectory by rung position (what the replay needs is the ordering at each rung).
     from orchestrator import spec as spec_mod
     target = spec_mod.SearchSpec(min_images=500, reduction_factor=3).rungs(50000)
     where = np.linspace(0, len(rungs) - 1, len(target))
-    picked = trajectories[rng.integers(0, len(trajectories), 64)]
-    projected = np.array([np.interp(where, np.arange(len(rungs)), t) for t in picked])
+    projected = np.array([np.interp(where, np.arange(len(rungs)), t) for t in resample(64)])
     for workers in (1, 4):
         share = replay_share(projected, target, 3, workers, 2 * 50000)
         print(f'projected share for specs/edm-stochastic-search.yaml (64 settings, rungs {"/".join(map(str, target))}, '

@@ -1,4 +1,4 @@
-"""orchestrator CLI: validate, schema, run, submit, logs, status, results, figures.
+"""orchestrator CLI: validate, schema, run, submit, logs, status, results, show, figures.
 
     orchestrator validate specs/quickstart.yaml
     orchestrator schema --out spec.schema.json
@@ -102,6 +102,14 @@ def cmd_results(args):
         print(df[columns].to_string(index=False))
 
 
+def cmd_show(args):
+    from orchestrator import results
+    from orchestrator.storage import Storage
+    storage = Storage(args.results)
+    storage.check()
+    print('\n'.join(results.show(storage, args.experiment)))
+
+
 def cmd_figures(args):
     from orchestrator import figures
     from orchestrator.storage import Storage
@@ -155,6 +163,10 @@ def build_parser():
     t.add_argument('--columns', default=None, help='comma-separated columns to show')
     t.add_argument('--results', default='results')
     t.set_defaults(fn=cmd_results)
+    w = sub.add_parser('show', help='what is stored of an experiment: its last run, stages done / running / failed, best rows')
+    w.add_argument('experiment')
+    w.add_argument('--results', default='results')
+    w.set_defaults(fn=cmd_show)
     f = sub.add_parser('figures', help='render figures and Markdown tables from the Parquet results')
     f.add_argument('experiment')
     f.add_argument('--results', default='results')

@@ -154,3 +154,104 @@ def _alive(pid):
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+def run_key(experiment):
+    return f'{experiment}/run.json'
+
+
+class RunRecord:
+    """<root>/<experiment>/run.json: what the last run of the experiment did, kept as it goes so
+    that `orchestrator show` can tell, from storage alone, a finished, a running and a failed run:
+    status (running, done, failed, interrupted), start and end, the stages done (name, hash, ran
+    or reused, seconds), the stage at work, the failed stage's one-line error, and a summary of the
+    sweep so far (best row, rung counts). Written by the run that holds the experiment's lease."""
+
+    def __init__(self, storage, experiment, spec_hash, stages):
+        self.storage, self.key = Storage.of(storage), run_key(experiment)
+        self.data = dict(experiment=experiment, spec_hash=spec_hash, status='running', host=socket.gethostname(),
+                         pid=os.getpid(), started=now_iso(), ended=None, plan=[dict(name=s.name, hash=s.hash) for s in stages],
+                         stages_done=[], stage=None, error=None, sweep=None)
+        self.save()
+
+    def save(self):
+        self.storage.write_json(self.key, self.data)
+
+    def update(self, **fields):
+        self.data.update(fields)
+        self.save()
+
+    def stage_done(self, name, hash, status, seconds):
+        self.data['stages_done'].append(dict(name=name, hash=hash, status=status, seconds=round(seconds, 3)))
+        self.update(stage=None)
+
+    def end(self, error=None):
+        """Done, or what stopped the run: an exception (its first line) or Ctrl-C."""
+        status = 'done' if error is None else 'interrupted' if isinstance(error, KeyboardInterrupt) else 'failed'
+        text = '' if error is None else (str(error).strip().splitlines() or [''])[0]
+        self.update(status=status, ended=now_iso(), error=None if error is None else f'{type(error).__name__}: {text}'.rstrip(': '))
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+def show(storage, experiment, now=None):
+    """What is stored of an experiment, as lines of text (`orchestrator show`): the last run (done,
+    running with its owner and since when, failed with the stage and its error, or dead: running
+    in run.json but its lease expired), each stage of its plan (done, running, not run), the
+    sweep's progress and the best rows of sweep.parquet. Reads storage only: no plan, no Ray."""
+    storage, now = Storage.of(storage), now or time.time()
+    if not storage.exists(run_key(experiment)) and not storage.exists(f'{experiment}/spec.json'):
+        raise FileNotFoundError(f'{storage.uri(experiment)}: no experiment {experiment!r} (has it run?)')
+    run = storage.read_json(run_key(experiment)) if storage.exists(run_key(experiment)) else None
+    lease = storage.read_json(lease_key(experiment)) if storage.exists(lease_key(experiment)) else None
+    lines = [f'experiment {experiment} at {storage.uri(experiment)}' + (f' (spec {run["spec_hash"]})' if run else '')]
+    if run is None:
+        lines.append('last run: not recorded (results written before run.json existed)')
+    elif run['status'] == 'running' and lease and lease.get('expires', 0) > now:
+        stage = run.get('stage') or {}
+        lines.append(f'last run: running since {run["started"]}, pid {lease.get("pid")} on {lease.get("host")} (lease renewed '
+                     f'{max(0, now - (lease["expires"] - LEASE_SECONDS)):.0f} s ago)'
+                     + (f'; stage {stage["name"]} since {stage["since"]}' if stage else ''))
+    elif run['status'] == 'running':
+        lines.append(f'last run: died (started {run["started"]} by pid {run["pid"]} on {run["host"]}; its lease is gone or '
+                     'expired without an end being recorded); the same command goes on from what had finished')
+    elif run['status'] == 'done':
+        lines.append(f'last run: done (started {run["started"]}, ended {run["ended"]})')
+    else:
+        stage = (run.get('stage') or {}).get('name', '?')
+        lines.append(f'last run: {run["status"]} in stage {stage} (started {run["started"]}, ended {run["ended"]}): {run["error"]}')
+    plan = run['plan'] if run else [dict(name=n.rsplit('-', 1)[0], hash=n.rsplit('-', 1)[1])
+                                    for n in storage.list(f'{experiment}/stages') if '-' in n]
+    done = {(d['name'], d['hash']): d for d in (run or {}).get('stages_done', [])}
+    current = (run or {}).get('stage') or {}
+    lines.append('stages:')
+    for s in plan:
+        if storage.exists(f'{experiment}/stages/{s["name"]}-{s["hash"]}/DONE.json'):
+            d = done.get((s['name'], s['hash']))
+            state = 'done' + (f' ({d["status"]} in this run, {d["seconds"]:.0f} s)' if d else '')
+        elif current.get('hash') == s['hash'] and run['status'] == 'running':
+            state = f'running since {current["since"]}'
+        elif current.get('hash') == s['hash']:
+            state = run['status']
+        else:
+            state = 'not run'
+        lines.append(f'  {s["name"]:<11} {s["hash"]:<17} {state}')
+    sweep = (run or {}).get('sweep')
+    if sweep:
+        best = sweep.get('best')
+        metric = next((k for k in (best or {}) if k != 'label'), 'fid')
+        lines.append(f'sweep so far: {sweep.get("trials_done")} trial(s) done'
+                     + (f'; best {metric} {best[metric]:.2f} (first seed block): {best["label"]}' if best else '')
+                     + ('; rungs ' + ' '.join(f'{k}:{v}' for k, v in sweep['rungs'].items()) if sweep.get('rungs') else ''))
+    if storage.exists(table_key(experiment, 'sweep')):
+        df = read_table(storage, experiment, 'sweep')
+        metric = 'fid' if 'fid' in df.columns and df['fid'].notna().any() else 'frechet_distance'
+        if metric in df.columns and df[metric].notna().any():
+            if 'stopped' in df.columns:  # a stopped trial's value is of fewer images
+                df = df[~df['stopped'].fillna(False).astype(bool)]
+            cols = [c for c in ('label', 'nfe', metric, 'images') if c in df.columns]
+            lines.append(f'best rows of sweep.parquet (written {df["created_at"].iloc[0]}):')
+            lines += ['  ' + line for line in df.nsmallest(5, metric)[cols].to_string(index=False).splitlines()]
+    return lines

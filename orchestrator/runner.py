@@ -31,6 +31,7 @@ class RunOptions:
     log: object = print
     verbose: bool = False
     stall_timeout: float = 600.0
+    record: object = None                  # results.RunRecord of the run (run.json), or None
 
 
 def free_port():
@@ -196,7 +197,14 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
     dataset = plan.check_inputs(spec, log=log)  # the data, loaded once, when a stage reads them
     check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
-        return _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout))
+        record = results.RunRecord(storage, spec.experiment, spec.hash(), stages)
+        try:
+            done = _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout, record))
+        except BaseException as e:  # failed or interrupted: said in run.json, then as before
+            record.end(e)
+            raise
+        record.end()
+        return done
 
 
 def _run_stages(spec, stages, storage, dataset, opts):
@@ -209,6 +217,8 @@ def _run_stages(spec, stages, storage, dataset, opts):
     for stage in stages:
         start, reused = time.time(), stage.done
         opts.log(f'== {stage.name} ({stage.hash}): {"reused" if reused else "running"}')
+        if opts.record:
+            opts.record.update(stage=dict(name=stage.name, hash=stage.hash, since=results.now_iso()))
         module, body, writer = STAGES[stage.name]
         module = importlib.import_module(f'orchestrator.{module}')  # when first used: they import Ray
         with storage.local_folder(stage.key) as folder, ray_log_file(os.path.join(folder, 'ray.log'), opts.verbose):
@@ -222,6 +232,8 @@ def _run_stages(spec, stages, storage, dataset, opts):
             getattr(module, writer)(spec, stage, outputs, dict(prov, stage=stage.name, stage_hash=stage.hash))
         timings.append(dict(stage=stage.name, status='reused' if reused else 'failed' if failed else 'ran',
                             seconds=time.time() - start))
+        if opts.record and not failed:
+            opts.record.stage_done(stage.name, stage.hash, timings[-1]['status'], timings[-1]['seconds'])
         if failed:  # the rows that finished are in the table; a re-run runs only what is missing
             write_timings()
             raise StageFailed(f'{stage.name}: {len(failed)} trial(s) failed: ' + '; '.join(failed) +

@@ -154,11 +154,15 @@ def _trial(config, ctx):
 
 
 class _ProgressBar(tune.Callback):
-    """Trials done / running / failed, as one tqdm bar on the driver."""
+    """Trials done / running / failed, the best metric so far among trials that reached
+    num_images and (a search) how many trials reached each rung, as one tqdm bar on the driver;
+    the same summary goes to run.json (record) for `orchestrator show`."""
 
-    def __init__(self, total, reused):
+    def __init__(self, total, reused, metric, num_images, record=None):
         self.bar = tqdm(total=total, initial=reused, unit='trial', desc='sweep')
         self.running, self.failed, self.new_images = set(), 0, 0
+        self.metric, self.num_images, self.record = metric, num_images, record
+        self.best, self.rungs = None, {}  # (value, label); images -> trials that reported it
         self.changed = time.monotonic()  # when a trial last started or ended (_Stalled reads it)
         self._show()
 
@@ -167,8 +171,13 @@ class _ProgressBar(tune.Callback):
 
     def _show(self):
         self.changed = time.monotonic()
+        text = f'{len(self.running)} running, {self.failed} failed'
+        if self.best:
+            text += f', best {self.metric} {self.best[0]:.2f} (first seed block)'
+        if len(self.rungs) > 1 or self.rungs and min(self.rungs) < self.num_images:
+            text += ', rungs ' + ' '.join(f'{n}:{k}' for n, k in sorted(self.rungs.items()))
         if self.bar is not None:
-            self.bar.set_postfix_str(f'{len(self.running)} running, {self.failed} failed')
+            self.bar.set_postfix_str(text)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
@@ -176,6 +185,16 @@ class _ProgressBar(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.new_images += result.get('new_images', 0)
+        if 'images' in result and result.get(self.metric) == result.get(self.metric):  # not NaN (a failed trial's)
+            n, value = result['images'], result[self.metric]
+            self.rungs[n] = self.rungs.get(n, 0) + 1
+            if n == self.num_images and (self.best is None or value < self.best[0]):
+                self.best = (value, describe_trial(trial.config['trial']))
+            if self.record is not None:
+                self.record.update(sweep=dict(best=self.best and dict(label=self.best[1], **{self.metric: self.best[0]}),
+                                              rungs={str(k): v for k, v in sorted(self.rungs.items())},
+                                              trials_done=self.bar.n if self.bar is not None else None))
+            self._show()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
@@ -264,7 +283,7 @@ def calibration_name(c):
 
 
 def run_sweep(context, resources, storage_path, trials=None, space=None, history_key=None, max_failures=1, verbose=False,
-              log=print, stall_timeout=None):
+              log=print, stall_timeout=None, record=None):
     """Rows of the sweep table, one per trial, and the labels of the trials that failed.
     trials: the grid (trial configs); space: a search space (plan) that context['search']'s
     algorithm proposes num_samples trials from, its proposals kept under history_key so that a
@@ -279,7 +298,8 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
     trial hashes), search (the spec's, as a dict, or None), rungs, seed, metric, class_idx,
     num_images, seed_blocks, batch_size, kid, precision_recall, inception_weights ((URI, sha256)
     or None). stall_timeout: seconds with trials waiting and none running after which the sweep
-    ends (its missing trials named)."""
+    ends (its missing trials named). record: the run's results.RunRecord (the sweep's summary so
+    far goes to run.json)."""
     storage, search = context['storage'], context['search']
     if trials is not None:
         todo = [t for t in trials if search or not storage.exists(row_key(hash_of(t, context)))]
@@ -317,7 +337,8 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
             callbacks.append(_History(storage, history_key, history))
             param_space = {}
         total = len(trials) if trials is not None else search['num_samples']
-        progress = _ProgressBar(total, total - len(todo) if trials is not None and not search else 0)
+        progress = _ProgressBar(total, total - len(todo) if trials is not None and not search else 0, context['metric'],
+                                context['num_images'], record)
         stalled = _Stalled(progress, stall_timeout)
         callbacks.append(progress)
         tuner = tune.Tuner(
@@ -426,7 +447,7 @@ def run_sweep_stage(stage, upstream, dataset, opts):
     rows, failed = run_sweep(context, stage.options['trial_resources'], stage.storage.uri(stage.key, 'ray'),
                              trials=stage.inputs['trials'], space=space, history_key=history,
                              max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
-                             stall_timeout=opts.stall_timeout)
+                             stall_timeout=opts.stall_timeout, record=opts.record)
     uri = stage.storage.write_json(f'{stage.key}/rows.json', rows)
     return dict(rows=uri, trials=len(rows), failed=failed)
 

@@ -270,6 +270,14 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     for value in sweep['fid']:
         assert f'{value:.2f}' in md  # the table is made from the Parquet rows
     assert os.path.getsize(os.path.join(root, 'tiny', 'fid_vs_nfe.png')) > 1000
+    # run.json, and `show` from storage alone: a finished run, every stage done, the best rows.
+    record = json.load(open(os.path.join(root, 'tiny', 'run.json')))
+    assert record['status'] == 'done' and [d['name'] for d in record['stages_done']] == ['train', 'calibrate', 'reference', 'sweep']
+    assert record['sweep']['trials_done'] == 4 and record['sweep']['best']['fid'] == pytest.approx(
+        min(json.loads(b)[0] for b in sweep['fid_blocks']))  # the best first-block value the trials reported
+    shown = '\n'.join(results.show(root, 'tiny'))
+    assert 'last run: done' in shown and shown.count(' done (ran in this run') == 4
+    assert f'{sweep["fid"].min():.6f}' in shown
 
     runner.run(s, results_root=root)
     timings = results.read_table(root, 'tiny', 'timings')
@@ -296,6 +304,9 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     with pytest.raises(runner.StageFailed, match=r'sweep: 1 trial\(s\) failed: ' + re.escape(failing)):
         runner.run(s, results_root=root, log=log)
     assert any('2 of 4 trial(s) finished before and reused; 2 to run' in m for m in messages)
+    shown = '\n'.join(results.show(root, 'tiny'))
+    assert 'last run: failed in stage sweep' in shown and f'StageFailed: sweep: 1 trial(s) failed: {failing}' in shown, shown
+    assert re.search(r'sweep +[0-9a-f]{16} +failed', shown) and re.search(r'train +[0-9a-f]{16} +done \(reused', shown), shown
     partial = results.read_table(root, 'tiny', 'sweep')
     assert len(partial) == 4 and partial['fid'].notna().sum() == 3
     assert 'table-data-48.pt: no such file' in partial.set_index('label').loc[failing, 'error']
@@ -497,3 +508,27 @@ def test_non_finite_results_fail_their_stage_in_one_line(ray_cluster, tmp_path):
     assert time.time() - started < 120  # stopped at once, not after Ray Train's retries
     stages = runner.plan.make_plan(diverging, root)
     assert not stages[0].done
+
+
+def test_show_tells_a_running_run_from_a_dead_one(tmp_path):
+    """`show` reads run.json and the lease alone: a run whose lease is renewed is running (its
+    owner, since when, its stage); the same record with the lease expired is a run that died."""
+    from orchestrator.plan import Stage
+    from orchestrator.storage import Storage
+    storage = Storage(str(tmp_path))
+    stages = [Stage('train', 'a' * 16, 'x/stages/train-' + 'a' * 16, {}, ''), Stage('sweep', 'b' * 16, 'x/stages/sweep-' + 'b' * 16, {}, '')]
+    record = results.RunRecord(storage, 'x', 'c' * 16, stages)
+    storage.write_json(f'x/stages/train-{"a" * 16}/DONE.json', {})
+    record.stage_done('train', 'a' * 16, 'ran', 12.0)
+    record.update(stage=dict(name='sweep', hash='b' * 16, since='2026-11-30T10:00:00+00:00'),
+                  sweep=dict(best=dict(label='edm num_steps=18', fid=3.5), rungs={'500': 12, '1500': 4}, trials_done=3))
+    now = time.time()
+    storage.write_json('x/.lease.json', dict(owner='o', pid=4242, host='node-1', started='then', expires=now + 20))
+    shown = '\n'.join(results.show(storage, 'x', now=now))
+    assert 'last run: running since' in shown and 'pid 4242 on node-1 (lease renewed 10 s ago); stage sweep since 2026-11-30T10:00:00' in shown
+    assert re.search(r'train +a{16} +done \(ran in this run, 12 s\)', shown) and re.search(r'sweep +b{16} +running since', shown)
+    assert 'sweep so far: 3 trial(s) done; best fid 3.50 (first seed block): edm num_steps=18; rungs 500:12 1500:4' in shown
+    dead = '\n'.join(results.show(storage, 'x', now=now + 60))
+    assert 'last run: died' in dead and 'pid' in dead
+    with pytest.raises(FileNotFoundError, match="no experiment 'y'"):
+        results.show(storage, 'y')

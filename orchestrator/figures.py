@@ -13,6 +13,7 @@ seed-block spread). The NFE figures and sweep.md show the last snapshot. A sweep
 pruning) and search.png (the metric at the first rung, which every trial reached, over each
 searched parameter); its NFE figures and sweep.md show the trials that reached num_images.
 """
+import io
 import json
 import os
 
@@ -214,6 +215,45 @@ def search_figure(rungs, sweep, path, title=''):
     return path
 
 
+SHEET_ROWS = 16
+
+
+def samples_sheet(sweep, storage, experiment, path, title=''):
+    """samples.png: each trial's sample grid (the first images it measured; the same seeds in
+    every trial), rows = snapshot and sampler setting, columns = uncalibrated and each calibration
+    table, the metric under each. Made from sweep.parquet and the grids' PNGs alone; with more
+    than SHEET_ROWS settings, the SHEET_ROWS whose best cell is lowest."""
+    import PIL.Image
+    metric = metric_column(sweep)
+    df = _with_labels(sweep[sweep['samples'].notna()])
+    kimg = df['snapshot_kimg'] if 'snapshot_kimg' in df.columns else pd.Series(None, index=df.index)
+    df = df.assign(setting=df['sampler'] + ' ' + df['params'].astype(str), kimg=kimg.fillna(-1))
+    columns = sorted(df['calibration'].unique(), key=lambda c: (c != 'no', c))
+    best = df.groupby(['kimg', 'setting'])[metric].min().sort_values()
+    rows = sorted(best.index[:SHEET_ROWS])
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.7 * len(rows)), squeeze=False)
+    for i, (k, setting) in enumerate(rows):
+        for j, calibration in enumerate(columns):
+            ax = axes[i][j]
+            ax.axis('off')
+            cell = df[(df['kimg'] == k) & (df['setting'] == setting) & (df['calibration'] == calibration)]
+            if not len(cell):
+                continue
+            r = cell.iloc[0]
+            ax.imshow(np.array(PIL.Image.open(io.BytesIO(storage.read_bytes(f'{experiment}/{r["samples"]}')))),
+                      cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+            stopped = bool(r.get('stopped')) if r.get('stopped') == r.get('stopped') else False
+            value = f'{metric} {r[metric]:.2f}' if r[metric] == r[metric] else 'failed'
+            head = ('uncalibrated' if calibration == 'no' else f'calibrated: {calibration}') + '\n' if i == 0 else ''
+            ax.set_title(head + value + (f' ({int(r["images"])} img, stopped)' if stopped else ''), fontsize=8)
+            ax.text(0, -0.04, r['label'].split(' calibrated (')[0], transform=ax.transAxes, fontsize=6, va='top')
+    fig.suptitle(title or 'samples: the same seeds in every cell', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _last_snapshot(df):
     """The rows of the last training snapshot (figures over NFE or image count show one model)."""
     if 'snapshot_kimg' in df.columns and df['snapshot_kimg'].nunique() > 1:
@@ -348,6 +388,7 @@ def _render(storage, experiment, out_dir):
         sweep = None
     if sweep is not None and len(sweep):
         sweep = sweep if 'stopped' in sweep.columns else sweep.assign(stopped=False)  # tables from before searches
+        everything = sweep
         rungs = results.read_table(storage, experiment, 'rungs') if storage.exists(results.table_key(experiment, 'rungs')) else None
         if rungs is not None and 'images' in rungs.columns and rungs['images'].nunique() > 1:  # the sweep searched
             written.append(rungs_figure(rungs, sweep, os.path.join(out_dir, 'rungs.png'), title=f'{experiment}: rungs'))
@@ -365,6 +406,9 @@ def _render(storage, experiment, out_dir):
         with open(os.path.join(out_dir, 'sweep.md'), 'w') as f:
             f.write(sweep_markdown(last) + '\n')
         written.append(os.path.join(out_dir, 'sweep.md'))
+        if 'samples' in everything.columns and everything['samples'].notna().any():
+            written.append(samples_sheet(everything, storage, experiment, os.path.join(out_dir, 'samples.png'),
+                                         title=f'{experiment}: samples (seeds 0.., the same in every cell)'))
     try:
         cal = results.read_table(storage, experiment, 'calibration')
         written.append(calibration_figure(cal, os.path.join(out_dir, 'calibration.png')))

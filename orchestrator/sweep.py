@@ -33,7 +33,7 @@ from orchestrator.plan import TRIALS, load_data, trial_hash
 from orchestrator.spec import (INTEGER_SETTINGS, cpus_gpus, describe_trial, is_range, sampler_kwargs, snapshot_key, stable_hash,
                                table_key)
 from orchestrator.storage import fetch, stage_input
-from tasks import calibration, checkpoints, metrics, samplers
+from tasks import calibration, checkpoints, data, metrics, samplers
 
 
 def trial_row(trial):
@@ -60,18 +60,34 @@ def state_key(h):
     return f'{TRIALS}/{h}.state.pt'
 
 
+def samples_key(h):
+    """A trial's sample grid: its first SAMPLE_GRID images (seeds 0..), as measured."""
+    return f'{TRIALS}/{h}.png'
+
+
+SAMPLE_GRID = 64
+
+
 def load_state(storage, h):
-    """(rung records, FeatureStats or None) a trial kept, or ([], None)."""
+    """(rung records, FeatureStats or None, sample images) a trial kept, or ([], None, None)."""
     if not storage.exists(state_key(h)):
-        return [], None
+        return [], None, None
     s = torch.load(io.BytesIO(storage.read_bytes(state_key(h))), weights_only=True)
-    return s['records'], metrics.FeatureStats.from_state(s['stats'])
+    return s['records'], metrics.FeatureStats.from_state(s['stats']), s.get('samples')
 
 
-def save_state(storage, h, records, stats):
+def save_state(storage, h, records, stats, samples):
     buffer = io.BytesIO()
-    torch.save(dict(records=records, stats=stats.state()), buffer)
+    torch.save(dict(records=records, stats=stats.state(), samples=samples), buffer)
     storage.write_bytes(state_key(h), buffer.getvalue())
+    save_samples(storage, h, samples)
+
+
+def save_samples(storage, h, samples):
+    """The grid of the samples kept so far (8 a row, small images enlarged), as a PNG."""
+    if samples is not None and len(samples):
+        upscale = max(1, 64 // samples.shape[-1])
+        storage.write_file(samples_key(h), lambda path: data.save_image_grid(samples, path, nrow=8, upscale=upscale))
 
 
 def tune_result(record, metric, new_images=0):
@@ -81,16 +97,23 @@ def tune_result(record, metric, new_images=0):
     return dict(images=record['images'], **{metric: record[record['metric']]}, new_images=new_images)
 
 
-def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu'):
+def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu', samples=None):
     """Measure `trial` rung by rung (ctx['rungs']): report(record, new_images) at each rung below
-    num_images, after save(records, stats) has kept what it measured. Rungs in `records` (an
-    earlier run's) are reported again, not sampled; sampling continues from `stats`, the first
-    seed block's feature sums over seeds 0..stats.n-1. At num_images the full protocol
-    (metrics.evaluate with the measured first block) gives the row's metrics: returns
-    (its result, the images sampled for the last rung and the other seed blocks)."""
+    num_images, after save(records, stats, samples) has kept what it measured. Rungs in `records`
+    (an earlier run's) are reported again, not sampled; sampling continues from `stats`, the first
+    seed block's feature sums over seeds 0..stats.n-1, and `samples`, its first SAMPLE_GRID images
+    (uint8, the very images measured). At num_images the full protocol (metrics.evaluate with the
+    measured first block) gives the row's metrics: returns (its result, the images sampled for the
+    last rung and the other seed blocks, the samples)."""
     e, kwargs = ctx, dict(sampler_kwargs(trial), class_idx=ctx['class_idx'])
     keep = e['kid'] or e['precision_recall']
     stats = stats or metrics.FeatureStats(dim=getattr(extractor, 'dim', metrics.FEATURES), keep_features=keep)
+    kept = [] if samples is None else [samples]
+
+    def keep_samples(images):
+        have = sum(len(x) for x in kept)
+        if have < SAMPLE_GRID:
+            kept.append(images[:SAMPLE_GRID - have].cpu())
     name, nfe = metrics.metric_name(extractor), None
     for n in e['rungs']:
         done = [r for r in records if r['images'] == n]
@@ -100,18 +123,18 @@ def grow(net, reference, extractor, trial, ctx, records, stats, report, save, de
             continue
         start, new = time.time(), n - stats.n
         more, nfe = metrics.sample_statistics(net, range(stats.n, n), extractor, trial['sampler'], e['batch_size'], device,
-                                              keep_features=keep, **kwargs)
+                                              keep_features=keep, on_images=keep_samples, **kwargs)
         stats.merge(more)
         value = metrics.frechet_distance(*stats.statistics(), reference['mu'], reference['sigma'])
         record = dict(images=n, metric=name, **{name: value}, nfe=nfe, seconds=time.time() - start)
         records.append(record)
         if n < e['num_images']:
-            save(records, stats)
+            save(records, stats, torch.cat(kept))
             report(record, new)
     result = metrics.evaluate(net, reference, extractor, e['num_images'], trial['sampler'], seed_blocks=e['seed_blocks'],
                               batch_size=e['batch_size'], device=device, kid=e['kid'], precision_recall=e['precision_recall'],
                               first_block=(stats, nfe), **kwargs)
-    return result, new + (e['seed_blocks'] - 1) * e['num_images']
+    return result, new + (e['seed_blocks'] - 1) * e['num_images'], torch.cat(kept)
 
 
 def _trial(config, ctx):
@@ -121,7 +144,7 @@ def _trial(config, ctx):
         for record in storage.read_json(row_key(h)).get('rungs', []):
             tune.report(tune_result(record, metric))
         return
-    records, stats = load_state(storage, h)
+    records, stats, samples = load_state(storage, h)
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
     net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
@@ -134,9 +157,9 @@ def _trial(config, ctx):
             table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
             net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                                  per_class=trial['calibration_per_class'])
-        result, new = grow(net, reference, extractor, trial, ctx, records, stats, device=device,
-                           report=lambda record, new: tune.report(tune_result(record, metric, new)),
-                      save=lambda records, stats: save_state(storage, h, records, stats))
+        result, new, samples = grow(net, reference, extractor, trial, ctx, records, stats, device=device, samples=samples,
+                                    report=lambda record, new: tune.report(tune_result(record, metric, new)),
+                                    save=lambda *kept: save_state(storage, h, *kept))
     except (samplers.NonFiniteSamples, calibration.CalibrationError) as e:
         # Deterministic (the same seeds give the same NaN; a table that does not fit stays so):
         # reported, not raised, so Tune does not retry it; the driver gives it an error row and the
@@ -148,6 +171,7 @@ def _trial(config, ctx):
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
     # The row is kept before the last report (a scheduler may end the trial there) and as soon as
     # the trial ends, so a killed driver or a later run reuses it; the sums are no longer needed.
+    save_samples(storage, h, samples)
     storage.write_json(row_key(h), row)
     storage.delete(state_key(h))
     tune.report(dict({k: v for k, v in row.items() if isinstance(v, (int, float, str))}, **tune_result(records[-1], metric, new)))
@@ -382,7 +406,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
 def stop_trial(storage, h, trial):
     """The final row of a trial the scheduler stopped: its last rung's first-block metric, with
     `images` that rung's count and stopped: true. Its feature sums are no longer needed."""
-    records, _ = load_state(storage, h)
+    records, _, _ = load_state(storage, h)
     if not records:
         return
     last = records[-1]
@@ -453,8 +477,13 @@ def run_sweep_stage(stage, upstream, dataset, opts):
 
 
 def write_sweep_table(spec, stage, outputs, prov):
-    """sweep.parquet (a row per trial) and rungs.parquet (a row per trial and rung it reported)."""
-    rows = stage.storage.read_json(f'{stage.key}/rows.json')
+    """sweep.parquet (a row per trial), rungs.parquet (a row per trial and rung it reported) and
+    samples/<trial_hash>.png (each trial's sample grid, named in the `samples` column)."""
+    storage, rows = stage.storage, stage.storage.read_json(f'{stage.key}/rows.json')
+    for r in rows:  # each trial's sample grid, beside the tables (a trial may be another experiment's: copied)
+        if storage.exists(samples_key(r['trial_hash'])):
+            r['samples'] = f'samples/{r["trial_hash"]}.png'
+            storage.write_bytes(f'{spec.experiment}/{r["samples"]}', storage.read_bytes(samples_key(r['trial_hash'])))
     results.write_table(stage.storage, spec.experiment, 'sweep',
                         [dict(r, evaluate=dataclasses.asdict(spec.evaluate)) for r in rows], prov)
     rungs = [dict(trial_hash=r['trial_hash'], label=r['label'], rung=i, images=record['images'],

@@ -380,11 +380,13 @@ def reference_statistics(dataset, extractor, cache_dir=None, keep_features=False
     return out
 
 
-def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, device='cpu', keep_features=False, **sampler_kwargs):
+def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, device='cpu', keep_features=False, on_images=None,
+                      **sampler_kwargs):
     """Features of the images `net` generates for the given per-image seeds, batch by batch
     (quantized to uint8 as saved images are): a FeatureStats. Also returns the sampler's NFE.
     seeds: samplers.check_seeds; class_labels (among sampler_kwargs): one per seed, N class indices
-    or an [N, label_dim] one-hot tensor (samplers.check_class_labels)."""
+    or an [N, label_dim] one-hot tensor (samplers.check_class_labels). on_images(images): called
+    with each batch of uint8 images, in seed order, the very images whose features are measured."""
     seeds = samplers_mod.check_seeds(seeds)
     class_labels = samplers_mod.check_class_labels(sampler_kwargs.pop('class_labels', None), len(seeds),
                                                    samplers_mod.label_dim_of(net))
@@ -393,7 +395,10 @@ def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, devic
         batch_labels = None if class_labels is None else class_labels[start:start + batch_size]
         images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
                                             device=device, class_labels=batch_labels, **sampler_kwargs)
-        stats.add(extractor(data_mod.to_uint8(images)))
+        images = data_mod.to_uint8(images)
+        if on_images is not None:
+            on_images(images)
+        stats.add(extractor(images))
     return stats, nfe
 
 

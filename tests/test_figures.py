@@ -105,3 +105,25 @@ def test_search_figures_from_the_sweep_and_rungs_tables(tmp_path):
     md = open(os.path.join(root, 'fig', 'sweep.md')).read()
     assert f'{rows[1]["fid"]:.2f}' in md and f'{rows[2]["fid"]:.2f}' in md
     assert f'{rows[0]["fid"]:.2f}' not in md and f'{rows[3]["fid"]:.2f}' not in md
+
+
+def test_sample_sheet_from_parquet_and_pngs_alone(tmp_path):
+    """samples.png from sweep.parquet and samples/<trial_hash>.png only: a row per setting, a
+    column per calibration (uncalibrated first), the metric over each cell."""
+    import numpy as np
+    import PIL.Image
+    import torch
+    from tasks import data
+    root = tmp_path / 'r'
+    rows = []
+    for i, (steps, calibrated) in enumerate(((4, False), (4, True), (10, False), (10, True))):
+        row = dict(_row(steps, calibrated, 'data' if calibrated else None, 500 if calibrated else None, fid=30.0 - i),
+                   trial_hash=f'h{i}', samples=f'samples/h{i}.png', stopped=False, images=100)
+        os.makedirs(root / 'fig' / 'samples', exist_ok=True)
+        data.save_image_grid(torch.full((8, 1, 4, 4), 30 * i, dtype=torch.uint8), str(root / 'fig' / row['samples']), nrow=8)
+        rows.append(row)
+    results.write_table(str(root), 'fig', 'sweep', rows, PROV)
+    written = {os.path.basename(p) for p in figures.render(str(root), 'fig')}
+    assert 'samples.png' in written
+    sheet = np.array(PIL.Image.open(root / 'fig' / 'samples.png'))
+    assert sheet.shape[0] > 200 and sheet.shape[1] > 300

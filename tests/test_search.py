@@ -176,23 +176,23 @@ def _reference():
     return dict(mu=f.mean(0).numpy(), sigma=np.cov(f.numpy(), rowvar=False), count=200, sha256='x')
 
 
-def _grow(trial=TRIAL, records=(), stats=None, report=None, saved=None):
+def _grow(trial=TRIAL, records=(), stats=None, report=None, saved=None, samples=None):
     reports, saved = [], [] if saved is None else saved
 
-    def save(records, stats):  # as save_state keeps them: through torch.save and a weights_only load
+    def save(records, stats, samples):  # as save_state keeps them: through torch.save and a weights_only load
         buffer = io.BytesIO()
-        torch.save(dict(records=records, stats=stats.state()), buffer)
+        torch.save(dict(records=records, stats=stats.state(), samples=samples), buffer)
         saved.append(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-    out = sweep.grow(NET, _reference(), PixelFeatures(), trial, CTX, list(records), stats,
-                     report=report or (lambda record, new: reports.append((dict(record), new))), save=save)
-    return out, reports, saved
+    result, new, samples = sweep.grow(NET, _reference(), PixelFeatures(), trial, CTX, list(records), stats, samples=samples,
+                                      report=report or (lambda record, new: reports.append((dict(record), new))), save=save)
+    return (result, new), reports, saved, samples
 
 
 def test_a_promoted_trial_generates_no_image_twice_and_matches_one_pass(generated):
     """Rungs 4, 12, 36 and a second seed block: seeds 0..71 each generated once; each rung's
     value is the Frechet distance of the first n images in one pass, and the final result is
     metrics.evaluate's on the same seeds."""
-    (result, new), reports, saved = _grow()
+    (result, new), reports, saved, _ = _grow()
     assert sorted(generated) == list(range(72)) and len(generated) == 72
     assert [(r['images'], n) for r, n in reports] == [(4, 4), (12, 8)] and new == 24 + 36
     reference = _reference()
@@ -213,7 +213,7 @@ def test_a_killed_trial_resumes_from_its_sums_reusing_every_finished_rung(genera
     """Killed at its second rung's report: the re-run reports rungs 4 and 12 again from the kept
     records (sampling nothing for them), continues from seed 12 and ends bit for bit where the
     uninterrupted trial ends."""
-    (uninterrupted, _), reports, _ = _grow()
+    (uninterrupted, _), reports, _, grid = _grow()
     generated.clear()
     saved = []
 
@@ -225,7 +225,9 @@ def test_a_killed_trial_resumes_from_its_sums_reusing_every_finished_rung(genera
     assert generated == list(range(12))
     generated.clear()
     kept = saved[-1]
-    (resumed, new), replayed, _ = _grow(records=kept['records'], stats=metrics.FeatureStats.from_state(kept['stats']))
+    (resumed, new), replayed, _, resumed_grid = _grow(records=kept['records'], stats=metrics.FeatureStats.from_state(kept['stats']),
+                                                      samples=kept['samples'])
+    assert torch.equal(resumed_grid, grid)  # the sample grid continues too
     assert [n for _, n in replayed] == [0, 0]
     values = lambda rs: [(r['images'], r['frechet_distance'], r['nfe']) for r, _ in rs]
     assert values(replayed) == values(reports)
@@ -440,3 +442,33 @@ def test_the_gaussian_closed_form_is_what_the_estimator_estimates():
     for k, s in enumerate(sigmas):
         expected = (m_model - m) * s ** 2 / (s ** 2 + v_model)
         assert abs(float(table.offset()[0, k, 0]) - expected) < 4 * float(table.standard_error()[0, k, 0]) + 1e-12
+
+
+def test_the_sample_grid_is_the_images_the_trial_measured(generated, tmp_path):
+    """The grid a trial keeps holds its first min(64, images) samples, seeds 0.. in order: the
+    very pixels whose features it measured (the stand-in's features are the pixels), and the PNG
+    written from them reads back as those pixels."""
+    import PIL.Image
+    from orchestrator.storage import Storage
+    measured = []
+
+    class Recording(PixelFeatures):
+        def __call__(self, images):
+            measured.append(images.clone())
+            return super().__call__(images)
+    features = Recording()
+    result, new, samples = sweep.grow(NET, _reference(), features, TRIAL, dict(CTX, rungs=[4, 12, 72], num_images=72), [], None,
+                                      report=lambda *a: None, save=lambda *a: None)
+    assert samples.dtype == torch.uint8 and len(samples) == 64 and torch.equal(samples, torch.cat(measured)[:64])
+    assert generated[:64] == list(range(64))
+    storage = Storage(str(tmp_path))
+    sweep.save_samples(storage, 'h', samples)
+    png = torch.from_numpy(np.array(PIL.Image.open(storage.path(sweep.samples_key('h')))))
+    upscale = 64 // 4
+    for i in (0, 9, 63):  # 8 a row, each pixel repeated `upscale` times
+        r, c = divmod(i, 8)
+        tile = png[r * 4 * upscale:(r + 1) * 4 * upscale:upscale, c * 4 * upscale:(c + 1) * 4 * upscale:upscale]
+        assert torch.equal(tile, samples[i, 0])
+    _, _, small = sweep.grow(NET, _reference(), PixelFeatures(), TRIAL, dict(CTX, rungs=[4, 12], num_images=12, seed_blocks=1),
+                             [], None, report=lambda *a: None, save=lambda *a: None)
+    assert len(small) == 12  # min(64, images generated)

@@ -32,6 +32,7 @@ class RunOptions:
     verbose: bool = False
     stall_timeout: float = 600.0
     record: object = None                  # results.RunRecord of the run (run.json), or None
+    tracker: object = None                 # tracking.Tracker (report.mlflow), or None
 
 
 def free_port():
@@ -196,10 +197,11 @@ def run(spec, results_root='results', address=None, dry_run=False, log=print, ve
         check_shared_storage(storage)
     dataset = plan.check_inputs(spec, log=log)  # the data, loaded once, when a stage reads them
     check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
+    tracker = make_tracker(spec, embedded)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
         record = results.RunRecord(storage, spec.experiment, spec.hash(), stages)
         try:
-            done = _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout, record))
+            done = _run_stages(spec, stages, storage, dataset, RunOptions(log, verbose, stall_timeout, record, tracker))
         except BaseException as e:  # failed or interrupted: said in run.json, then as before
             record.end(e)
             raise
@@ -234,6 +236,8 @@ def _run_stages(spec, stages, storage, dataset, opts):
                             seconds=time.time() - start))
         if opts.record and not failed:
             opts.record.stage_done(stage.name, stage.hash, timings[-1]['status'], timings[-1]['seconds'])
+        if opts.tracker:
+            track_stage(opts.tracker, spec, stage, reused, failed)
         if failed:  # the rows that finished are in the table; a re-run runs only what is missing
             write_timings()
             raise StageFailed(f'{stage.name}: {len(failed)} trial(s) failed: ' + '; '.join(failed) +
@@ -250,6 +254,50 @@ def _run_stages(spec, stages, storage, dataset, opts):
         order = [c for c in ('snapshot_kimg', 'calibrated', 'label') if c in sweep.columns]
         opts.log(sweep.sort_values(order)[cols].to_string(index=False))
     return stages
+
+
+def make_tracker(spec, embedded):
+    """The MLflow tracker of report.mlflow (None without): refused, naming the field, when the
+    store is on this machine's disk and the cluster has other nodes, or mlflow is not installed."""
+    m = spec.report.mlflow
+    if m is None:
+        return None
+    from orchestrator import tracking
+    problem = tracking.check_tracking_uri(m['tracking_uri'], embedded)
+    if problem:
+        raise SpecError(f'{spec.path}: report.mlflow.tracking_uri: {problem}')
+    try:
+        return tracking.Tracker(m, spec.experiment)
+    except ImportError:
+        raise SpecError(f'{spec.path}: report.mlflow: needs MLflow: pip install \'.[mlflow]\' (mlflow-skinny)') from None
+
+
+# Each stage's tables, logged as artifacts of its MLflow run.
+STAGE_TABLES = dict(train=('train_log',), calibrate=('calibration', 'likelihood'), sweep=('sweep', 'rungs'))
+
+
+def track_stage(tracker, spec, stage, reused, failed):
+    """The stage's MLflow run (the training workers' own, else a new one): its tables as
+    artifacts and, for calibration, ||E[eps]||^2 per sigma (Calib Eq. 27) and the likelihood gain
+    of each table."""
+    storage = stage.storage
+    found = tracker.client.search_runs([tracker.experiment_id], f"tags.stage_hash = '{stage.hash}'") if not reused else []
+    run_id = found[0].info.run_id if found else tracker.start(stage.name, tags=dict(
+        stage=stage.name, stage_hash=stage.hash, status='reused' if reused else 'ran'))
+    keys = [results.table_key(spec.experiment, t) for t in STAGE_TABLES.get(stage.name, ())]
+    for key in keys:
+        if storage.exists(key):
+            tracker.log_artifact(run_id, storage, key, 'tables')
+    if stage.name == 'calibrate':
+        cal = results.read_table(storage, spec.experiment, 'calibration')
+        which = [c for c in ('snapshot_kimg', 'source', 'table_images') if c in cal.columns]
+        name = lambda values: '_'.join(f'{v:g}kimg' if isinstance(v, float) else str(v) for v in values if v == v and v is not None)
+        for values, g in cal.groupby(which, dropna=False):  # per sigma: the step is the sigma's index on the grid
+            tracker.log_series(run_id, f'mean_eps_norm2_{name(values)}', g.sort_values('sigma')['mean_eps_norm2'])
+            tracker.log_series(run_id, f'sigma_{name(values)}', g.sort_values('sigma')['sigma'])
+        for _, row in results.read_table(storage, spec.experiment, 'likelihood').iterrows():
+            tracker.client.log_metric(run_id, f'likelihood_gain_nats_{name([row[c] for c in which])}', float(row['likelihood_gain_nats']))
+    tracker.end(run_id, failed=bool(failed))
 
 
 # Stage name -> (module, body, writer). Each body runs from its stage (inputs, options) and its

@@ -13,7 +13,7 @@ path and what was expected; unknown keys are errors with a "did you mean".
                 resources, search: {scheduler, metric, min_images, reduction_factor, algorithm, num_samples}}
     evaluate:  {num_images, reference_images, seed_blocks, batch_size, kid, precision_recall, inception_weights,
                 reference_stats, class}
-    report:    {figures}
+    report:    {figures, mlflow: {tracking_uri, experiment}}
 """
 import dataclasses
 import difflib
@@ -180,6 +180,8 @@ class EvaluateSpec:
 @dataclass
 class ReportSpec:
     figures: bool = True
+    # {tracking_uri, experiment}: MLflow runs of the stages and sweep trials (orchestrator.tracking).
+    mlflow: Optional[dict] = None
 
 
 @dataclass
@@ -562,6 +564,15 @@ def _validate(spec, path):
             _fail(path, 'evaluate.reference_stats', 'KID and precision/recall compare features, which a statistics file '
                                                     'does not hold: set kid and precision_recall to false')
     _positive(path, 'evaluate.class_idx', e.class_idx, allow_zero=True)
+    m = spec.report.mlflow
+    if m is not None:
+        for key in m:
+            _choice(path, f'report.mlflow.{key}', key, ('tracking_uri', 'experiment'))
+        if not isinstance(m.get('tracking_uri'), str) or not m['tracking_uri']:
+            _fail(path, 'report.mlflow.tracking_uri', 'missing: the MLflow tracking store, e.g. http://mlflow:5000 or '
+                                                      'sqlite:///mlruns.db (the embedded cluster only)')
+        if not isinstance(m.get('experiment', ''), str):
+            _fail(path, 'report.mlflow.experiment', f'expected a name, got {m["experiment"]!r}')
 
 
 def _check_range(path, where, name, r, search):

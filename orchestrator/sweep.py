@@ -16,6 +16,7 @@ calibration tables and Inception weights through the results root or the inputs'
 driver's disk.
 """
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -94,7 +95,9 @@ def tune_result(record, metric, new_images=0):
     """What Tune's scheduler and search algorithm see of a rung: `images` (the time attribute),
     the search metric (the first seed block's Frechet distance at that rung) and how many images
     were sampled for it in this run (0 when replayed)."""
-    return dict(images=record['images'], **{metric: record[record['metric']]}, new_images=new_images)
+    # timesteps_total: the step of Ray's MLflow callback (report.mlflow), images rather than reports.
+    return dict(images=record['images'], timesteps_total=record['images'], **{metric: record[record['metric']]},
+                new_images=new_images)
 
 
 def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu', samples=None):
@@ -307,7 +310,7 @@ def calibration_name(c):
 
 
 def run_sweep(context, resources, storage_path, trials=None, space=None, history_key=None, max_failures=1, verbose=False,
-              log=print, stall_timeout=None, record=None):
+              log=print, stall_timeout=None, record=None, tracker=None):
     """Rows of the sweep table, one per trial, and the labels of the trials that failed.
     trials: the grid (trial configs); space: a search space (plan) that context['search']'s
     algorithm proposes num_samples trials from, its proposals kept under history_key so that a
@@ -323,7 +326,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
     num_images, seed_blocks, batch_size, kid, precision_recall, inception_weights ((URI, sha256)
     or None). stall_timeout: seconds with trials waiting and none running after which the sweep
     ends (its missing trials named). record: the run's results.RunRecord (the sweep's summary so
-    far goes to run.json)."""
+    far goes to run.json). tracker: tracking.Tracker (report.mlflow), or None."""
     storage, search = context['storage'], context['search']
     if trials is not None:
         todo = [t for t in trials if search or not storage.exists(row_key(hash_of(t, context)))]
@@ -365,6 +368,9 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
                                 context['num_images'], record)
         stalled = _Stalled(progress, stall_timeout)
         callbacks.append(progress)
+        tracked = tracker and tracker.trial_callback(functools.partial(  # picklable, as Tune keeps its callbacks
+            hash_of, ctx={k: context[k] for k in ('depends', 'evaluate', 'search', 'rungs')}))
+        callbacks += [tracked] if tracked else []
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, ctx=context), {k: v for k, v in resources.items() if v}),
             param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
@@ -390,6 +396,9 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
                 f'{cpus_gpus(ray.available_resources())} free of {cpus_gpus(ray.cluster_resources())}; the sweep stopped')
             for t in todo:
                 errors.setdefault(hash_of(t, context), f'not run: no resources for {stall_timeout:g} s')
+        for h, run_id in (tracked.runs.items() if tracked else ()):  # each trial's sample grid, to its MLflow run
+            if storage.exists(samples_key(h)):
+                tracker.log_artifact(run_id, storage, samples_key(h), 'samples')
         stopped = sum(storage.exists(row_key(h)) and storage.read_json(row_key(h)).get('stopped') for h in dict(ran))
         log(f'sweep: {progress.new_images} image(s) sampled in this run'
             + (f'; {stopped} of {len(dict(ran))} trial(s) stopped early by {search["scheduler"].upper()}' if search else ''))
@@ -471,7 +480,7 @@ def run_sweep_stage(stage, upstream, dataset, opts):
     rows, failed = run_sweep(context, stage.options['trial_resources'], stage.storage.uri(stage.key, 'ray'),
                              trials=stage.inputs['trials'], space=space, history_key=history,
                              max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
-                             stall_timeout=opts.stall_timeout, record=opts.record)
+                             stall_timeout=opts.stall_timeout, record=opts.record, tracker=opts.tracker)
     uri = stage.storage.write_json(f'{stage.key}/rows.json', rows)
     return dict(rows=uri, trials=len(rows), failed=failed)
 

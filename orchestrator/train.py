@@ -29,7 +29,7 @@ import torch
 from orchestrator import results
 from orchestrator.spec import StageFailed, snapshot_key
 from orchestrator.storage import fetch, stage_input
-from tasks import checkpoints
+from tasks import checkpoints, data, samplers
 from tasks import train as tasks_train
 
 
@@ -101,7 +101,11 @@ def _train_worker(config):
         shutil.copy(fetch(config['resume_from']), local)
     recording = config['train']['recording_table']
     train_config = tasks_train.TrainConfig(**dict(config['train'], recording_table=recording and fetch(recording)))
-    snapshots = {tasks_train.snapshot_name(k) for k in train_config.snapshots_kimg}
+    snapshots = {tasks_train.snapshot_name(k): k for k in train_config.snapshots_kimg}
+    tracking = None
+    if config.get('mlflow'):
+        from ray.air.integrations.mlflow import setup_mlflow
+        tracking = setup_mlflow(dataclasses.asdict(train_config), **config['mlflow'])  # a no-op on ranks other than 0
 
     def wrap_ddp(net):
         ids = [device] if device.type == 'cuda' else None
@@ -111,10 +115,12 @@ def _train_worker(config):
         if rank == 0:
             # A snapshot reaches storage before any later checkpoint is registered, so a restart
             # from that checkpoint (which never writes it again) finds it there.
-            for name in snapshots & set(os.listdir(run_dir)):
+            for name in set(snapshots) & set(os.listdir(run_dir)):
                 storage.upload(os.path.join(run_dir, name), f'{key}/{name}')
-                snapshots.discard(name)
+                save_train_samples(storage, key, os.path.join(run_dir, name), snapshots.pop(name), device)
             config['progress'].report.remote(record)
+            if tracking is not None:
+                tracking.log_metrics({k: record[k] for k in ('loss', 'kimg', 'img_per_sec', 'lr')}, step=record['tick'])
         if checkpoint_path is None:
             ray.train.report(record)
             return
@@ -129,12 +135,24 @@ def _train_worker(config):
         tasks_train.train(train_config, dataset, run_dir, device=device, resume=True,
                           progress=False, on_tick=on_tick, rank=rank, world_size=world_size,
                           wrap_ddp=wrap_ddp if world_size > 1 else None, data_info=config.get('data_info'))
+        if rank == 0:
+            save_train_samples(storage, key, os.path.join(run_dir, tasks_train.NETWORK), train_config.total_kimg, device)
     except tasks_train.NonFiniteLoss as e:  # deterministic: told to the driver (every rank stops at once), not retried
         ray.get(config['progress'].fail.remote(str(e)))  # delivered before this worker ends
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def save_train_samples(storage, stage_key, network, kimg, device):
+    """<experiment>/samples/train-<kimg>.png: 64 samples (seeds 0..63, EDM's deterministic 18-step
+    sampler) of a snapshot, on the worker that wrote it (its device)."""
+    net = checkpoints.load_denoiser(network, 'network.pt').to(device)
+    images, _ = samplers.generate(net, range(64), 'edm', device=device, num_steps=18)
+    experiment = stage_key.split('/')[0]
+    storage.write_file(f'{experiment}/samples/train-{kimg:g}kimg.png', lambda path: data.save_image_grid(
+        data.to_uint8(images), path, nrow=8, upscale=max(1, 64 // images.shape[-1])))
 
 
 @contextlib.contextmanager
@@ -204,8 +222,10 @@ def run_train_stage(stage, upstream, dataset, opts):
     use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if o['use_gpu'] == 'auto' else o['use_gpu']
     recording = config.recording_table and stage_input(storage, config.recording_table, stage.inputs['config']['recording_table'])
     board = ProgressBoard.remote()
+    # MLflow (report.mlflow): rank 0 logs every tick to the stage's run, which the driver finds by its tags.
+    mlflow = opts.tracker and dict(opts.tracker.train_setup(), tags=dict(stage='train', stage_hash=stage.hash))
     loop_config = dict(dataset=ray.put(dataset), train=dict(dataclasses.asdict(config), recording_table=recording),
-                       storage=storage, stage_key=key, progress=board,
+                       storage=storage, stage_key=key, progress=board, mlflow=mlflow,
                        resume_from=latest_checkpoint(storage, f'{key}/ray'), data_info=dict(name=stage.inputs['data']['name']))
     trainer = ray.train.torch.TorchTrainer(
         _train_worker, train_loop_config=loop_config, torch_config=_OwnProcessGroup(),

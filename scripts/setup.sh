@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     # constraints.txt holds the exact pins; pyproject.toml the supported ranges. (The grep only
     # drops a warning this workplace's pip configuration prints for every package.)
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[test,diffusers]' 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e '.[test,diffusers,mlflow]' 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
     rm -f "$VENV"/.installed-* && touch "$stamp"
 fi
 

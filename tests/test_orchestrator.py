@@ -273,6 +273,7 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     # Each trial's sample grid (min(64, 6) images: the 6 it measured) beside the tables, and the sheet of them.
     assert all(os.path.isfile(os.path.join(root, 'tiny', p)) for p in sweep['samples'])
     assert os.path.getsize(os.path.join(root, 'tiny', 'samples.png')) > 1000
+    assert os.path.getsize(os.path.join(root, 'tiny', 'samples', 'train-0.128kimg.png')) > 100  # the trained network's 64
     # run.json, and `show` from storage alone: a finished run, every stage done, the best rows.
     record = json.load(open(os.path.join(root, 'tiny', 'run.json')))
     assert record['status'] == 'done' and [d['name'] for d in record['stages_done']] == ['train', 'calibrate', 'reference', 'sweep']

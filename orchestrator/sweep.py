@@ -198,6 +198,10 @@ class _ProgressBar(tune.Callback):
 
     def _show(self):
         self.changed = time.monotonic()
+        if self.record is not None:  # run.json: what `orchestrator show` says of the sweep so far
+            self.record.update(sweep=dict(best=self.best and dict(label=self.best[1], **{self.metric: self.best[0]}),
+                                          rungs={str(k): v for k, v in sorted(self.rungs.items())},
+                                          trials_done=self.bar.n if self.bar is not None else None))
         text = f'{len(self.running)} running, {self.failed} failed'
         if self.best:
             text += f', best {self.metric} {self.best[0]:.2f} (first seed block)'
@@ -217,10 +221,6 @@ class _ProgressBar(tune.Callback):
             self.rungs[n] = self.rungs.get(n, 0) + 1
             if n == self.num_images and (self.best is None or value < self.best[0]):
                 self.best = (value, describe_trial(trial.config['trial']))
-            if self.record is not None:
-                self.record.update(sweep=dict(best=self.best and dict(label=self.best[1], **{self.metric: self.best[0]}),
-                                              rungs={str(k): v for k, v in sorted(self.rungs.items())},
-                                              trials_done=self.bar.n if self.bar is not None else None))
             self._show()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -244,7 +244,7 @@ class _ProgressBar(tune.Callback):
 
     def _say(self, trial, what):  # one line instead of Tune's traceback (which goes to the stage's ray.log)
         if self.bar is not None:
-            self.bar.write(f'sweep: trial {describe_trial(trial.config["item"]["trial"])} {what}')
+            self.bar.write(f'sweep: trial {describe_trial(trial.config["trial"])} {what}')
 
     def _step(self):
         if self.bar is not None:

@@ -380,6 +380,8 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
                                       failure_config=tune.FailureConfig(max_failures=max_failures),
                                       callbacks=callbacks, stop=stalled))
         for result in tuner.fit():
+            if not result.config:  # never started (the sweep stalled first): named below
+                continue
             trial = result.config['trial']
             h = hash_of(trial, context)
             ran.append((h, trial))
@@ -394,7 +396,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
             ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
             log(f'sweep: no progress for {stall_timeout:g} s: trials wait for a worker ({ask} each); the cluster has '
                 f'{cpus_gpus(ray.available_resources())} free of {cpus_gpus(ray.cluster_resources())}; the sweep stopped')
-            for t in todo:
+            for t in todo if trials is not None else ():  # (an algorithm's unproposed trials have no name)
                 errors.setdefault(hash_of(t, context), f'not run: no resources for {stall_timeout:g} s')
         for h, run_id in (tracked.runs.items() if tracked else ()):  # each trial's sample grid, to its MLflow run
             if storage.exists(samples_key(h)):

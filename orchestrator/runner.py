@@ -270,6 +270,9 @@ def make_tracker(spec, embedded):
         return tracking.Tracker(m, spec.experiment)
     except ImportError:
         raise SpecError(f'{spec.path}: report.mlflow: needs MLflow: pip install \'.[mlflow]\' (mlflow-skinny)') from None
+    except Exception as e:  # noqa: BLE001 (an unknown scheme, a server that refuses: one line, before any stage)
+        first = (str(e).strip().splitlines() or [''])[0]
+        raise SpecError(f'{spec.path}: report.mlflow.tracking_uri: cannot open {m["tracking_uri"]}: {type(e).__name__}: {first}') from None
 
 
 # Each stage's tables, logged as artifacts of its MLflow run.

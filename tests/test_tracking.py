@@ -40,6 +40,11 @@ def test_a_store_on_this_disk_is_refused_on_a_cluster(tmp_path, uri):
         runner.make_tracker(s, embedded=False)
 
 
+def test_a_store_mlflow_cannot_open_is_one_line(tmp_path):
+    with pytest.raises(spec.SpecError, match=r"tracked.yaml: report.mlflow.tracking_uri: cannot open bogus://x: .*unsupported URI 'bogus://x'"):
+        runner.make_tracker(_spec(tmp_path, tracking_uri='bogus://x'), embedded=True)
+
+
 @pytest.mark.parametrize('report, message', [
     (dict(experiment='x'), r'report.mlflow.tracking_uri: missing'),
     (dict(tracking_uri='sqlite:///m.db', experimnet='x'), r"report.mlflow.experimnet: 'experimnet' is not one of: tracking_uri, experiment"),

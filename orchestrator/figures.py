@@ -231,7 +231,12 @@ def samples_sheet(sweep, storage, experiment, path, title=''):
     columns = sorted(df['calibration'].unique(), key=lambda c: (c != 'no', c))
     best = df.groupby(['kimg', 'setting'])[metric].min().sort_values()
     rows = sorted(best.index[:SHEET_ROWS])
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.4 * len(columns), 2.7 * len(rows)), squeeze=False)
+    solvers = dict(zip(df['setting'], df['solver'] + df['nfe'].map(lambda n: f' (NFE {int(n)})')))
+
+    def row_name(k, setting):  # only what differs between rows: the setting, the snapshot
+        parts = [solvers[setting]] if len({s for _, s in rows}) > 1 else []
+        return ', '.join(parts + ([] if k < 0 or len({k for k, _ in rows}) == 1 else [f'{k:g} kimg'])) or solvers[setting]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.6 * len(columns), 2.9 * len(rows)), squeeze=False)
     for i, (k, setting) in enumerate(rows):
         for j, calibration in enumerate(columns):
             ax = axes[i][j]
@@ -245,8 +250,8 @@ def samples_sheet(sweep, storage, experiment, path, title=''):
             stopped = bool(r.get('stopped')) if r.get('stopped') == r.get('stopped') else False
             value = f'{metric} {r[metric]:.2f}' if r[metric] == r[metric] else 'failed'
             head = ('uncalibrated' if calibration == 'no' else f'calibrated: {calibration}') + '\n' if i == 0 else ''
-            ax.set_title(head + value + (f' ({int(r["images"])} img, stopped)' if stopped else ''), fontsize=8)
-            ax.text(0, -0.04, r['label'].split(' calibrated (')[0], transform=ax.transAxes, fontsize=6, va='top')
+            ax.set_title(head + (row_name(k, setting) + ': ' if j == 0 else '') + value
+                         + (f' ({int(r["images"])} img, stopped)' if stopped else ''), fontsize=8)
     fig.suptitle(title or 'samples: the same seeds in every cell', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -250,7 +250,9 @@ def _run_stages(spec, stages, storage, dataset, opts):
     if 'sweep' in state:
         sweep = results.read_table(storage, spec.experiment, 'sweep')
         metric = figures.metric_column(sweep)
-        cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + ['wall_time']
+        searched = 'stopped' in sweep.columns and sweep['stopped'].fillna(False).astype(bool).any()
+        cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + \
+            (['images', 'stopped'] if searched else []) + ['wall_time']  # a stopped row's metric is of fewer images
         order = [c for c in ('snapshot_kimg', 'calibrated', 'label') if c in sweep.columns]
         opts.log(sweep.sort_values(order)[cols].to_string(index=False))
     return stages

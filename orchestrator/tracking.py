@@ -26,6 +26,14 @@ def check_tracking_uri(uri, embedded):
             'server every node reaches (http[s]://HOST:PORT), or run on the embedded cluster')
 
 
+def artifact_location(uri):
+    """Where a new experiment keeps its artifacts: beside a sqlite database (MLflow's default,
+    ./mlruns, would be whatever folder the command ran in); the server's choice otherwise."""
+    if uri.startswith('sqlite:///'):
+        return 'file://' + os.path.join(os.path.dirname(os.path.abspath(uri[len('sqlite:///'):])), 'mlruns')
+    return None
+
+
 class Tracker:
     """One MLflow experiment (report.mlflow.experiment, default the spec's): the driver's runs
     and the artifacts it logs."""
@@ -35,7 +43,8 @@ class Tracker:
         self.uri, self.experiment = config['tracking_uri'], config.get('experiment') or experiment
         self.client = mlflow.MlflowClient(self.uri)
         found = self.client.get_experiment_by_name(self.experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            self.experiment, artifact_location=artifact_location(self.uri))
 
     def start(self, name, params=None, tags=None):
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags or {})

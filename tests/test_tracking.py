@@ -71,6 +71,8 @@ def test_runs_of_stages_and_trials_round_trip_through_a_sqlite_store(ray_cluster
     rungs = pd.read_parquet(os.path.join(root, 'tracked', 'rungs.parquet'))
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name('calib-edm-test')
+    # Artifacts beside the database, not in ./mlruns of whatever folder the run started in.
+    assert experiment.artifact_location == f'file://{tmp_path}/mlruns' and not os.path.exists('mlruns')
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert set(sweep['label']) <= set(runs)
     for _, row in sweep.iterrows():

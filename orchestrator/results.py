@@ -242,9 +242,11 @@ def show(storage, experiment, now=None):
     if sweep:
         best = sweep.get('best')
         metric = next((k for k in (best or {}) if k != 'label'), 'fid')
-        lines.append(f'sweep so far: {sweep.get("trials_done")} trial(s) done'
+        lines.append(f'sweep{" so far" if run["status"] == "running" else ""}: {sweep.get("trials_done")} trial(s) done'
                      + (f'; best {metric} {best[metric]:.2f} (first seed block): {best["label"]}' if best else '')
-                     + ('; rungs ' + ' '.join(f'{k}:{v}' for k, v in sweep['rungs'].items()) if sweep.get('rungs') else ''))
+                     # rung counts only for a search (a grid's one rung is num_images)
+                     + ('; rungs ' + ' '.join(f'{k}:{v}' for k, v in sweep['rungs'].items()) if len(sweep.get('rungs') or {}) > 1
+                        else ''))
     if storage.exists(table_key(experiment, 'sweep')):
         df = read_table(storage, experiment, 'sweep')
         metric = 'fid' if 'fid' in df.columns and df['fid'].notna().any() else 'frechet_distance'

@@ -25,14 +25,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from orchestrator import results  # noqa: E402
+from orchestrator.results import metric_column  # noqa: E402
 from orchestrator.storage import Storage  # noqa: E402
 
 STEP_KEYS = ('steps', 'num_steps')
-
-
-def metric_column(df):
-    """'fid' when the FID network measured the sweep, else the labelled Frechet distance."""
-    return 'fid' if 'fid' in df.columns and df['fid'].notna().any() else 'frechet_distance'
 
 
 def solver_label(row):
@@ -168,7 +164,7 @@ def rungs_figure(rungs, sweep, path, title=''):
     """Each trial's metric against its images at each rung (log x): stopped trials grey,
     finished ones in colour, the best finished one labelled."""
     metric = metric_column(rungs)
-    stopped = dict(zip(sweep['trial_hash'], sweep['stopped'].fillna(False).astype(bool)))
+    stopped = dict(zip(sweep['trial_hash'], results.stopped(sweep)))
     final = sweep[~sweep['trial_hash'].map(stopped)].dropna(subset=[metric])
     best = final.loc[final[metric].idxmin(), 'trial_hash'] if len(final) else None
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -197,7 +193,7 @@ def search_figure(rungs, sweep, path, title=''):
     numeric = [c for c in table.columns if pd.to_numeric(table[c], errors='coerce').notna().all() and table[c].nunique() > 1]
     if not numeric:
         return None
-    stopped = sweep.set_index('trial_hash')['stopped'].fillna(False).astype(bool)
+    stopped = results.stopped(sweep).set_axis(sweep['trial_hash'])
     fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 3.4), squeeze=False, sharey=True)
     for ax, name in zip(axes[0], numeric):
         x = pd.to_numeric(table[name]).reindex(first.index)
@@ -247,7 +243,7 @@ def samples_sheet(sweep, storage, experiment, path, title=''):
             r = cell.iloc[0]
             ax.imshow(np.array(PIL.Image.open(io.BytesIO(storage.read_bytes(f'{experiment}/{r["samples"]}')))),
                       cmap='gray', vmin=0, vmax=255, interpolation='nearest')
-            stopped = bool(r.get('stopped')) if r.get('stopped') == r.get('stopped') else False
+            stopped = results.stopped(cell).iloc[0]
             value = f'{metric} {r[metric]:.2f}' if r[metric] == r[metric] else 'failed'
             head = ('uncalibrated' if calibration == 'no' else f'calibrated: {calibration}') + '\n' if i == 0 else ''
             ax.set_title(head + (row_name(k, setting) + ': ' if j == 0 else '') + value
@@ -392,14 +388,13 @@ def _render(storage, experiment, out_dir):
     except FileNotFoundError:
         sweep = None
     if sweep is not None and len(sweep):
-        sweep = sweep if 'stopped' in sweep.columns else sweep.assign(stopped=False)  # tables from before searches
         everything = sweep
         rungs = results.read_table(storage, experiment, 'rungs') if storage.exists(results.table_key(experiment, 'rungs')) else None
         if rungs is not None and 'images' in rungs.columns and rungs['images'].nunique() > 1:  # the sweep searched
             written.append(rungs_figure(rungs, sweep, os.path.join(out_dir, 'rungs.png'), title=f'{experiment}: rungs'))
             written.append(search_figure(rungs, sweep, os.path.join(out_dir, 'search.png'), title=f'{experiment}: search'))
             written = [w for w in written if w]
-            sweep = sweep[~sweep['stopped'].fillna(False).astype(bool)]  # metrics of num_images samples only below
+            sweep = sweep[~results.stopped(sweep)]  # metrics of num_images samples only below
         last = _last_snapshot(sweep)
         kimg = last['snapshot_kimg'].iloc[0] if 'snapshot_kimg' in last.columns and len(last) < len(sweep) else None
         if last['nfe'].nunique() > 1:  # a line needs two NFEs (one NFE: sweep.md and training_progress say it all)

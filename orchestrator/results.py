@@ -79,6 +79,17 @@ def read_table(storage, experiment, table):
     return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
 
 
+def metric_column(df):
+    """'fid' when the FID network measured the sweep, else the labelled Frechet distance."""
+    return 'fid' if 'fid' in df.columns and df['fid'].notna().any() else 'frechet_distance'
+
+
+def stopped(sweep):
+    """Which rows of a sweep table a search stopped early (their metric is of fewer images);
+    none in tables from before searches."""
+    return sweep['stopped'].fillna(False).astype(bool) if 'stopped' in sweep.columns else pd.Series(False, index=sweep.index)
+
+
 def experiments(storage):
     """Experiments under the root that have at least one results table."""
     storage = Storage.of(storage)
@@ -249,10 +260,9 @@ def show(storage, experiment, now=None):
                         else ''))
     if storage.exists(table_key(experiment, 'sweep')):
         df = read_table(storage, experiment, 'sweep')
-        metric = 'fid' if 'fid' in df.columns and df['fid'].notna().any() else 'frechet_distance'
+        metric = metric_column(df)
         if metric in df.columns and df[metric].notna().any():
-            if 'stopped' in df.columns:  # a stopped trial's value is of fewer images
-                df = df[~df['stopped'].fillna(False).astype(bool)]
+            df = df[~stopped(df)]  # a stopped trial's value is of fewer images
             cols = [c for c in ('label', 'nfe', metric, 'images') if c in df.columns]
             lines.append(f'best rows of sweep.parquet (written {df["created_at"].iloc[0]}):')
             lines += ['  ' + line for line in df.nsmallest(5, metric)[cols].to_string(index=False).splitlines()]

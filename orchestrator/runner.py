@@ -249,8 +249,8 @@ def _run_stages(spec, stages, storage, dataset, opts):
             opts.log(f'wrote {path}')
     if 'sweep' in state:
         sweep = results.read_table(storage, spec.experiment, 'sweep')
-        metric = figures.metric_column(sweep)
-        searched = 'stopped' in sweep.columns and sweep['stopped'].fillna(False).astype(bool).any()
+        metric = results.metric_column(sweep)
+        searched = results.stopped(sweep).any()
         cols = ['label', 'nfe', metric] + [c for c in ('kid_mean', 'precision', 'recall') if c in sweep.columns] + \
             (['images', 'stopped'] if searched else []) + ['wall_time']  # a stopped row's metric is of fewer images
         order = [c for c in ('snapshot_kimg', 'calibrated', 'label') if c in sweep.columns]

@@ -198,10 +198,10 @@ class _ProgressBar(tune.Callback):
 
     def _show(self):
         self.changed = time.monotonic()
-        if self.record is not None:  # run.json: what `orchestrator show` says of the sweep so far
-            self.record.update(sweep=dict(best=self.best and dict(label=self.best[1], **{self.metric: self.best[0]}),
-                                          rungs={str(k): v for k, v in sorted(self.rungs.items())},
-                                          trials_done=self.bar.n if self.bar is not None else None))
+        summary = dict(best=self.best and dict(label=self.best[1], **{self.metric: self.best[0]}),
+                       rungs={str(k): v for k, v in sorted(self.rungs.items())}, trials_done=self.bar.n if self.bar is not None else None)
+        if self.record is not None and summary != self.record.data.get('sweep'):  # run.json, for `orchestrator show`: when it changes
+            self.record.update(sweep=summary)
         text = f'{len(self.running)} running, {self.failed} failed'
         if self.best:
             text += f', best {self.metric} {self.best[0]:.2f} (first seed block)'
@@ -329,8 +329,8 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
     far goes to run.json). tracker: tracking.Tracker (report.mlflow), or None."""
     storage, search = context['storage'], context['search']
     if trials is not None:
-        todo = [t for t in trials if search or not storage.exists(row_key(hash_of(t, context)))]
-        finished = sum(storage.exists(row_key(hash_of(t, context))) for t in trials)
+        kept = [storage.exists(row_key(hash_of(t, context))) for t in trials]  # one lookup per trial (a request on a store)
+        todo, finished = [t for t, row in zip(trials, kept) if search or not row], sum(kept)
         log(f'sweep: {finished} of {len(trials)} trial(s) finished before and reused'
             + (' (their rungs replayed to the scheduler)' if search and finished else '') + f'; {len(trials) - finished} to run')
         if search and search['scheduler'] == 'asha':

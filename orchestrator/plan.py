@@ -227,12 +227,9 @@ def check_inputs(spec, log=print):
                 clamped = samplers.clamped_sigma_range(t['sampler'], net, **sampler_kwargs(t))
             except ValueError as err:
                 raise SpecError(f'{where}: sweep.samplers: trial {i} ({describe_trial(t)}): {err}') from None
-            if clamped and clamped not in said:
-                said.add(clamped)
-                show = lambda pair: ', '.join('default' if v is None else f'{v:g}' for v in pair)
-                log(f'sweep: {t["sampler"]} sigma range [{show(clamped[0])}] reaches outside the model\'s '
-                    f'[{net.sigma_min:g}, {net.sigma_max:g}]: sampled on [{show(clamped[1])}] (clamped, as EDM\'s '
-                    'generate.py does)')
+            if clamped and (t['sampler'], clamped) not in said:
+                said.add((t['sampler'], clamped))
+                log(f'sweep: {samplers.clamping_note(t["sampler"], net, clamped)}')
     if spec.sweep is not None and e.kid and min(KID_SUBSET, e.num_images) > e.reference_images:
         raise SpecError(f'{where}: evaluate.kid: KID compares subsets of min({KID_SUBSET}, num_images) = '
                         f'{min(KID_SUBSET, e.num_images)} images from each side, but reference_images is '

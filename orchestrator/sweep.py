@@ -23,6 +23,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 
 import ray
 import torch
@@ -100,14 +101,15 @@ def tune_result(record, metric, new_images=0):
                 new_images=new_images)
 
 
-def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu', samples=None):
+def grow(net, reference, extractor, trial, ctx, records, stats, report, save, device='cpu', samples=None, walk=None):
     """Measure `trial` rung by rung (ctx['rungs']): report(record, new_images) at each rung below
     num_images, after save(records, stats, samples) has kept what it measured. Rungs in `records`
     (an earlier run's) are reported again, not sampled; sampling continues from `stats`, the first
     seed block's feature sums over seeds 0..stats.n-1, and `samples`, its first SAMPLE_GRID images
     (uint8, the very images measured). At num_images the full protocol (metrics.evaluate with the
     measured first block) gives the row's metrics: returns (its result, the images sampled for the
-    last rung and the other seed blocks, the samples)."""
+    last rung and the other seed blocks, the samples). walk: the trial's samplers.step_summary,
+    kept in each rung record (a stopped trial's row reads it there)."""
     e, kwargs = ctx, dict(sampler_kwargs(trial), class_idx=ctx['class_idx'])
     keep = e['kid'] or e['precision_recall']
     stats = stats or metrics.FeatureStats(dim=getattr(extractor, 'dim', metrics.FEATURES), keep_features=keep)
@@ -129,7 +131,7 @@ def grow(net, reference, extractor, trial, ctx, records, stats, report, save, de
                                               keep_features=keep, on_images=keep_samples, **kwargs)
         stats.merge(more)
         value = metrics.frechet_distance(*stats.statistics(), reference['mu'], reference['sigma'])
-        record = dict(images=n, metric=name, **{name: value}, nfe=nfe, seconds=time.time() - start)
+        record = dict(images=n, metric=name, **{name: value}, nfe=nfe, **(walk or {}), seconds=time.time() - start)
         records.append(record)
         if n < e['num_images']:
             save(records, stats, torch.cat(kept))
@@ -151,6 +153,8 @@ def _trial(config, ctx):
     device = 'cuda' if ray.get_gpu_ids() else 'cpu'
     model = ctx['snapshots'][snapshot_key(trial['snapshot_kimg'])]
     net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
+    warnings.simplefilter('ignore', samplers.SigmaRangeClamped)  # the driver said it once, before the sweep
+    walk = samplers.step_summary(trial['sampler'], net, **sampler_kwargs(trial))
     weights = metrics.resolve_inception_weights(ctx['inception_weights'] and fetch(*ctx['inception_weights']))
     extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
     reference = ray.get(ctx['reference'])
@@ -160,7 +164,7 @@ def _trial(config, ctx):
             table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
             net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                                  per_class=trial['calibration_per_class'])
-        result, new, samples = grow(net, reference, extractor, trial, ctx, records, stats, device=device, samples=samples,
+        result, new, samples = grow(net, reference, extractor, trial, ctx, records, stats, device=device, samples=samples, walk=walk,
                                     report=lambda record, new: tune.report(tune_result(record, metric, new)),
                                     save=lambda *kept: save_state(storage, h, *kept))
     except (samplers.NonFiniteSamples, calibration.CalibrationError) as e:
@@ -169,7 +173,7 @@ def _trial(config, ctx):
         # run fails naming it. No row is kept.
         tune.report({'error': f'{type(e).__name__}: {e}', metric: math.nan})
         return
-    row = dict(trial_row(trial), trial_hash=h, images=ctx['num_images'], stopped=False, rungs=records,
+    row = dict(trial_row(trial), trial_hash=h, images=ctx['num_images'], stopped=False, rungs=records, **walk,
                **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
     # The row is kept before the last report (a scheduler may end the trial there) and as soon as
@@ -423,6 +427,7 @@ def stop_trial(storage, h, trial):
     last = records[-1]
     storage.write_json(row_key(h), dict(trial_row(trial), trial_hash=h, images=last['images'], stopped=True, rungs=records,
                                         **{last['metric']: last[last['metric']]}, nfe=last['nfe'], num_samples=last['images'],
+                                        **{k: last[k] for k in ('distinct_steps', 'sigma_end') if k in last},
                                         seed_blocks=1, wall_time=sum(r['seconds'] for r in records)))
     storage.delete(state_key(h))
 

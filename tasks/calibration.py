@@ -17,6 +17,8 @@ float64 summation order. Guarantee (tested): relative difference <= 1e-12 of the
 """
 import hashlib
 import json
+import math
+import warnings
 
 import numpy as np
 import torch
@@ -115,6 +117,16 @@ class CalibrationTable:
         self.sum_r2[:, k].index_add_(0, g, (D - y) ** 2)
         self.count[:, k].index_add_(0, g, torch.ones_like(g))
 
+    def check_finite(self, what):
+        """CalibrationError when a kept float64 sum is not finite (a D of 1e300 squares to inf)."""
+        for name in ('sum_D', 'sum_y', 'sum_r2'):
+            bad = ~torch.isfinite(getattr(self, name))
+            if bad.any():
+                k = int(bad.flatten(2).any(2).any(0).nonzero()[0])
+                raise CalibrationError(f'{what}: the sums of the table overflow at sigma {float(self.sigmas[k]):g} '
+                                       f'({name} is not finite); no table is made from them')
+        return self
+
     def merge(self, other):
         """A new table holding the sums of both; refuses overlapping chunks and other setups."""
         self.check_compatible(other.meta, 'merge')
@@ -128,7 +140,7 @@ class CalibrationTable:
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.chunks = self.chunks | other.chunks
         out.meta['image_count'] = self.meta.get('image_count', 0) + other.meta.get('image_count', 0)
-        return out
+        return out.check_finite('merge')
 
     # -- estimates -----------------------------------------------------------------------------
 
@@ -320,7 +332,7 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
     if bar is not None:
         bar.close()
     table.meta['image_count'] = count
-    return table
+    return table.check_finite('estimate_table')
 
 
 def generated_dataset(net, num_images, sampler='edm', seeds=None, batch_size=64, device='cpu', **sampler_kwargs):
@@ -406,6 +418,10 @@ def dsm_gap(table):
     ||E eps||^2 averages to when E eps = 0, sum_i se(c_i)^2 / sigma^2 (its upward bias)."""
     c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
     c2, c2_se = c.square().sum(1), 2 * (c.square() * se.square()).sum(1).sqrt()
+    bad = ~torch.isfinite(c2 / table.sigmas ** 2)  # (the SE of one image is NaN: unknown, not an overflow)
+    if bad.any():
+        raise CalibrationError(f'||E eps||^2 is not finite at sigma {float(table.sigmas[bad][0]):g} (the offsets overflow '
+                               'when squared): no row is made of it')
     return dict(noise=c2 / table.sigmas ** 2, data=c2, noise_se=c2_se / table.sigmas ** 2, data_se=c2_se,
                 noise_floor=se.square().sum(1) / table.sigmas ** 2)
 
@@ -458,7 +474,9 @@ def queried_sigmas(sampler, net, **sampler_kwargs):
             return torch.zeros_like(x)
 
     rec = Recorder()
-    samplers_mod.get_sampler(sampler)(rec, torch.zeros(1, 1, dtype=torch.float64), **sampler_kwargs)
+    with warnings.catch_warnings():  # a recording, not a run: whoever samples says it
+        warnings.simplefilter('ignore', samplers_mod.SigmaRangeClamped)
+        samplers_mod.get_sampler(sampler)(rec, torch.zeros(1, 1, dtype=torch.float64), **sampler_kwargs)
     return torch.tensor(sorted(set(rec.sigmas)), dtype=torch.float64)
 
 
@@ -512,12 +530,18 @@ class DynamicRecorder:
         self.optimizer = torch.optim.Adam(offset_net.parameters(), lr=lr)
 
     def update(self, sigma, D, y, class_labels=None):
+        """One Adam step on the batch's regression loss, returned as a float. A loss that is not
+        finite (D - y after its float32 cast: a float64 D of 1e300 is inf there) is returned
+        without a step, so h_phi never takes NaN weights: the caller stops (fit_offset_net here,
+        the training loss's own check in tasks.train)."""
         target = (D.detach() - y.detach()).to(torch.float32)
         loss = (self.h(sigma.flatten(), class_labels) - target).square().mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        value = float(loss.detach())
+        if math.isfinite(value):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return value
 
 
 def offset_mse(offset_net, table):
@@ -533,14 +557,16 @@ def fit_offset_net(net, images, steps=500, batch_size=128, lr=1e-3, P_mean=-1.2,
     h = offset_net or OffsetNet(images_f.shape[1:])
     recorder = DynamicRecorder(h.to(device), lr)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(len(images_f), (batch_size,), generator=g)
         y = images_f[idx].to(device)
         sigma = (torch.randn(batch_size, generator=g) * P_std + P_mean).exp().to(device)
         x = y + sigma.reshape(-1, *[1] * (y.ndim - 1)) * torch.randn(y.shape, generator=g).to(device)
         with torch.no_grad():
             D = net(x, sigma)
-        recorder.update(sigma, D, y)
+        if not math.isfinite(recorder.update(sigma, D, y)):
+            raise CalibrationError(f'fit_offset_net: D(x; sigma) - y is not finite for a batch with sigma in '
+                                   f'[{float(sigma.min()):g}, {float(sigma.max()):g}] (step {step}); no h_phi is made of it')
     return h
 
 

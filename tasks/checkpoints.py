@@ -360,7 +360,11 @@ def _load_diffusers(path):
         raise CheckpointError(f'{path}: cannot load the diffusers UNet2DModel ({_first_line(e)})') from None
     # The noise levels are the scheduler's own alphas_cumprod (float32 in diffusers), sigma in float64;
     # the time input follows its num_train_timesteps (precond.VPModelDenoiser).
-    noise_schedule = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64))
+    # A first level of alphas_cumprod = 1 (sigma 0) is dropped there (README decision on discrete-time models).
+    try:
+        noise_schedule = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64))
+    except ValueError as e:
+        raise CheckpointError(f'{scheduler_file}: not a noise schedule a denoiser can be made of ({e})') from None
     net = precond.VPModelDenoiser(DiffusersUNet(unet, unet.config.in_channels), noise_schedule,
                                   prediction=DIFFUSERS_PREDICTIONS[scheduler.config.prediction_type], discrete_time=True,
                                   num_train_timesteps=scheduler.config.num_train_timesteps)

@@ -17,6 +17,7 @@ plumbing tests) reports "frechet_distance" with the extractor's name.
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -205,7 +206,7 @@ class InceptionFeatures:
                     x = x.expand(-1, 3, -1, -1)
                 (f,) = self.model(x)
                 out.append(f.to('cpu', torch.float64))
-        return torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64)
+        return _finite(torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64), f'{self.name} features')
 
 
 class FeatureStats:
@@ -262,11 +263,20 @@ class FeatureStats:
             raise MetricsError(f'a covariance needs at least 2 samples, got {self.n}')
         mu = self.sum / self.n
         sigma = (self.sum_outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return mu.numpy(), sigma.numpy()
+        return _finite(mu, 'feature mean').numpy(), _finite(sigma, 'feature covariance').numpy()
 
 
 # ---------------------------------------------------------------------------------------------
 # Metrics.
+
+def _finite(value, what):
+    """`value` (a number or tensor, as it is kept: after its last cast), or one MetricsError line
+    when any of it is NaN or infinite."""
+    ok = math.isfinite(value) if isinstance(value, float) else bool(torch.isfinite(value).all())
+    if not ok:
+        raise MetricsError(f'{what}: not finite (NaN or inf); no metric is made of them')
+    return value
+
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) in float64, with tr (S1 S2)^(1/2) computed
@@ -290,9 +300,10 @@ def kernel_inception_distance(features_1, features_2, subsets=100, subset_size=1
     n = min(len(features_1), len(features_2))
     if n < subset_size:
         raise MetricsError(f'KID subset_size {subset_size} exceeds the smaller sample set ({n}); lower subset_size')
-    out = kid_features_to_metric(features_1.to(torch.float32), features_2.to(torch.float32), kid_subsets=subsets,
+    out = kid_features_to_metric(_finite(features_1.to(torch.float32), 'KID features'),
+                                 _finite(features_2.to(torch.float32), 'KID reference features'), kid_subsets=subsets,
                                  kid_subset_size=subset_size, rng_seed=seed, verbose=False)
-    return dict(kid_mean=out[KEY_METRIC_KID_MEAN], kid_std=out[KEY_METRIC_KID_STD])
+    return {k: _finite(float(out[key]), k) for k, key in (('kid_mean', KEY_METRIC_KID_MEAN), ('kid_std', KEY_METRIC_KID_STD))}
 
 
 def improved_precision_recall(features_generated, features_real, neighborhood=3):
@@ -300,9 +311,11 @@ def improved_precision_recall(features_generated, features_real, neighborhood=3)
     from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
     if min(len(features_generated), len(features_real)) <= neighborhood:
         raise MetricsError(f'precision/recall with k={neighborhood} needs more than {neighborhood} samples per set')
-    out = prc_features_to_metric(features_generated.to(torch.float32), features_real.to(torch.float32),
+    out = prc_features_to_metric(_finite(features_generated.to(torch.float32), 'precision/recall features'),
+                                 _finite(features_real.to(torch.float32), 'precision/recall reference features'),
                                  prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
-    return dict(precision=out[KEY_METRIC_PRECISION], recall=out[KEY_METRIC_RECALL], f_score=out[KEY_METRIC_F_SCORE])
+    return {k: _finite(float(out[key]), k) for k, key in (('precision', KEY_METRIC_PRECISION), ('recall', KEY_METRIC_RECALL),
+                                                           ('f_score', KEY_METRIC_F_SCORE))}
 
 
 def inception_score(*args, **kwargs):

@@ -41,6 +41,10 @@ class Precond(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
+        """D(x; sigma) in x's dtype. The arithmetic is EDM's, in float32 (the samplers' float64
+        state is cast on the way in and D cast back at the end only), so that D is bit for bit
+        NVlabs/edm's for any x (README: the dtype contract)."""
+        dtype_in = x.dtype
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
@@ -53,7 +57,7 @@ class Precond(torch.nn.Module):
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F_x = self.model((c_in * x).to(dtype), c_noise.flatten().expand(x.shape[0]) if c_noise.numel() == 1 else c_noise.flatten(),
                          class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+        return (c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)).to(dtype_in)
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
@@ -154,12 +158,13 @@ class FastDenoiser(torch.nn.Module):
         return self.net.round_sigma(sigma)
 
     def forward(self, x, sigma, class_labels=None):
+        dtype_in = x.dtype
         x = x.to(torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             D = self.forward_net(x, sigma, class_labels)
-        return D.to(torch.float32).contiguous()
+        return D.to(torch.float32).contiguous().to(dtype_in)
 
 
 def build_denoiser(preset, precond='edm', img_resolution=32, img_channels=3, label_dim=0,
@@ -206,6 +211,13 @@ def data_to_prediction(x0, x_t, alpha, std, prediction):
     raise ValueError(f'unknown prediction {prediction!r}; valid: {", ".join(PREDICTIONS)}')
 
 
+def parameter_dtype(model, default):
+    """The floating dtype of a model's parameters (what its input must be cast to), or `default`
+    for a model without floating parameters (a plain function: it takes what it is given)."""
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.dtype for p in parameters if p.is_floating_point()), default)
+
+
 class VPModelDenoiser(torch.nn.Module):
     """D(x; sigma) from a VP model `model(x_t, t_input, class_labels)` that predicts noise, data,
     velocity or score, on one of DPM-Solver's noise schedules (tasks.schedules).
@@ -229,22 +241,27 @@ class VPModelDenoiser(torch.nn.Module):
             discrete_time = isinstance(noise_schedule, schedules.VPDiscreteNoiseSchedule)
         self.discrete_time = discrete_time
         if discrete_time:
-            K = noise_schedule.total_N
-            if num_train_timesteps < K:
-                raise ValueError(f'num_train_timesteps {num_train_timesteps} is fewer than the {K} levels of the schedule')
+            K, first = noise_schedule.total_N, noise_schedule.first_level
+            if num_train_timesteps < first + K:
+                raise ValueError(f'num_train_timesteps {num_train_timesteps} is fewer than the {first + K} levels of the schedule')
             # The model time per unit of t: K makes it the step index; the reference's fixed 1000
-            # (its issue #60) is right for N = 1000 and kept there.
+            # (its issue #60) is right for N = 1000 and kept there, unless levels of sigma 0 were
+            # dropped at the clean end, where the reference gives NaN and there is nothing to keep.
             self.num_train_timesteps = num_train_timesteps
-            self.time_scale = 1000 if num_train_timesteps == 1000 else K
+            self.time_scale = 1000 if num_train_timesteps == 1000 and first == 0 else K
         t_min = noise_schedule.default_t_end(0) if discrete_time else 1e-5
         self.sigma_min = float(noise_schedule.sigma(t_min))
         self.sigma_max = float(noise_schedule.sigma(noise_schedule.T))
 
     def model_time(self, t):
-        """The discrete-time model's input at continuous time t (float64): (t - 1/K) * time_scale."""
-        return (t - 1.0 / self.noise_schedule.total_N) * self.time_scale
+        """The discrete-time model's input at continuous time t (float64): (t - 1/K) * time_scale,
+        plus the number of sigma-0 levels the schedule dropped at the clean end (first_level)."""
+        return (t - 1.0 / self.noise_schedule.total_N) * self.time_scale + self.noise_schedule.first_level
 
     def forward(self, x, sigma, class_labels=None):
+        """D(x; sigma) in x's dtype: x_t = alpha_t x and the conversion to the data prediction in
+        x's dtype, the model's input x_t cast to the dtype of its own parameters (the samplers'
+        float64 state into a float32 UNet), its output cast back (README: the dtype contract)."""
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64, device='cpu').reshape(-1)
         t = self.noise_schedule.t_of_sigma(sigma64)
         alpha = self.noise_schedule.alpha(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
@@ -252,7 +269,7 @@ class VPModelDenoiser(torch.nn.Module):
         t_input = self.model_time(t) if self.discrete_time else t
         x_t = alpha * x
         t_input = t_input.to(x.device, torch.float32).expand(x.shape[0]) if t_input.numel() == 1 else t_input.to(x.device, torch.float32)
-        output = self.model(x_t, t_input, class_labels)
+        output = self.model(x_t.to(parameter_dtype(self.model, x_t.dtype)), t_input, class_labels)
         return prediction_to_data(output.to(x.dtype), x_t, alpha, std, self.prediction)
 
     def round_sigma(self, sigma):

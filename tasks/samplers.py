@@ -8,8 +8,10 @@ the whole batch). Per-image seeds: draw latents and noise with StackedRandomGene
 image depends only on its own seed, never on the batch it was computed in.
 """
 import collections
+import difflib
 import inspect
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -169,20 +171,41 @@ def _result(x, net, return_nfe):
 # ---------------------------------------------------------------------------------------------
 # EDM.
 
+def distinct_levels(sigmas):
+    """A decreasing sigma grid with repeated levels removed. Rounding to a discrete model's levels
+    maps several grid points to one level (EDM's sampler on iDDPM's 1000 levels at 100 steps keeps
+    94); a step between equal levels has size zero (x + 0 * d) and costs evaluations for nothing
+    (diffusers PRs 4231, 6477). NVlabs/edm keeps them; the deterministic result is the same bit for
+    bit, the stochastic one is not (gamma counts the distinct steps: README decision)."""
+    keep = torch.ones(len(sigmas), dtype=torch.bool, device=sigmas.device)
+    keep[1:] = sigmas[1:] != sigmas[:-1]
+    return sigmas[keep]
+
+
+def edm_grid(net, num_steps=18, sigma_min=0.002, sigma_max=80, rho=7):
+    """The noise levels edm_sampler steps through, float64 [N'] without t_N = 0: EDM Eq. 5 on
+    [sigma_min, sigma_max] clamped to the model's range (EDM's generate.py), rounded to the
+    model's levels, repeats removed (distinct_levels)."""
+    sigma_min, sigma_max = max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
+    return distinct_levels(net.round_sigma(schedules.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)))
+
+
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
                 num_steps=18, sigma_min=0.002, sigma_max=80, rho=7,
                 S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, return_nfe=False):
     """EDM Algorithm 2 (stochastic Heun; deterministic Algorithm 1 when S_churn = 0) on the
-    Eq. 5 grid, with sigma(t) = t and s(t) = 1; the last step is Euler, so NFE = 2 N - 1.
-    Same signature and arithmetic as EDM's generate.py. class_labels: None, N class indices or an
+    Eq. 5 grid (edm_grid: N' <= num_steps distinct levels), with sigma(t) = t and s(t) = 1; the
+    last step is Euler, so NFE = 2 N' - 1, and gamma = min(S_churn / N', sqrt(2) - 1). Same
+    signature and arithmetic as EDM's generate.py, except that t_hat never exceeds the model's
+    sigma_max (EDM's own models have none). class_labels: None, N class indices or an
     [N, label_dim] one-hot tensor (check_class_labels; indices become one-hot)."""
+    check_entry('edm', net, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, S_churn=S_churn,
+                S_min=S_min, S_max=S_max, S_noise=S_noise)
     class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     net = CountedDenoiser(net)
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
-
-    t_steps = schedules.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
-    t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])  # t_N = 0
+    t_steps = edm_grid(net, num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
+    num_steps = len(t_steps) - 1
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -190,7 +213,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
 
         # Increase noise temporarily.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = net.round_sigma(t_cur + gamma * t_cur)
+        t_hat = net.round_sigma((t_cur + gamma * t_cur).clamp(max=net.sigma_max))
         x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
 
         # Euler step.
@@ -237,28 +260,16 @@ SCHEDULES = ('vp', 've', 'linear')
 SCALINGS = ('vp', 'none')
 
 
-def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
-                     num_steps=18, sigma_min=None, sigma_max=None, rho=7,
-                     solver='heun', discretization='edm', schedule='linear', scaling='none',
-                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
-                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, return_nfe=False):
-    """EDM's generalized sampler (generate.py): Algorithms 1 and 2 with any sigma(t), s(t) and
-    discretization of Table 1, Euler or Heun (alpha = 1) / general 2nd-order RK (alpha).
-    class_labels: as edm_sampler's."""
-    for name, value, valid in (('solver', solver, SOLVERS), ('discretization', discretization, DISCRETIZATIONS),
-                               ('schedule', schedule, SCHEDULES), ('scaling', scaling, SCALINGS)):
-        if value not in valid:
-            raise ValueError(f'unknown {name} {value!r}; valid: {", ".join(valid)}')
-    class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
-    net = CountedDenoiser(net)
+def ablation_grid(net, num_steps=18, sigma_min=None, sigma_max=None, rho=7, discretization='edm', epsilon_s=1e-3,
+                  C_1=0.001, C_2=0.008, M=1000):
+    """(sigma_steps, vp) of ablation_sampler: the discretization's noise levels, float64 [N']
+    without t_N = 0, on [sigma_min, sigma_max] (the discretization's defaults for None) clamped to
+    the model's range, rounded to its levels, repeats removed (distinct_levels); and the VP
+    sigma(t) fitted to that range (schedule='vp'), as generate.py builds it."""
     default_min, default_max = ablation_sigma_range(discretization, epsilon_s)
-    sigma_min = default_min if sigma_min is None else sigma_min
-    sigma_max = default_max if sigma_max is None else sigma_max
-    sigma_min = max(sigma_min, net.sigma_min)
-    sigma_max = min(sigma_max, net.sigma_max)
+    sigma_min = max(default_min if sigma_min is None else sigma_min, net.sigma_min)
+    sigma_max = min(default_max if sigma_max is None else sigma_max, net.sigma_max)
     vp = GenerateVPSchedule.from_sigma_range(sigma_min, sigma_max, epsilon_s)
-
-    # Time steps in terms of noise level.
     if discretization == 'vp':
         sigma_steps = vp.sigma(schedules.vp_time_steps(num_steps, epsilon_s))
     elif discretization == 've':
@@ -267,7 +278,26 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
         sigma_steps = schedules.iddpm_sigma_steps(num_steps, sigma_min, sigma_max, M, C_1, C_2)
     else:
         sigma_steps = schedules.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    return distinct_levels(net.round_sigma(sigma_steps)), vp
+
+
+def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_like,
+                     num_steps=18, sigma_min=None, sigma_max=None, rho=7,
+                     solver='heun', discretization='edm', schedule='linear', scaling='none',
+                     epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
+                     S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, return_nfe=False):
+    """EDM's generalized sampler (generate.py): Algorithms 1 and 2 with any sigma(t), s(t) and
+    discretization of Table 1, Euler or Heun (alpha = 1) / general 2nd-order RK (alpha), on the
+    N' distinct levels of ablation_grid (gamma = min(S_churn / N', sqrt(2) - 1); sigma(t_hat)
+    never above the model's sigma_max). class_labels: as edm_sampler's."""
+    check_entry('ablation', net, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, solver=solver,
+                discretization=discretization, schedule=schedule, scaling=scaling, epsilon_s=epsilon_s, C_1=C_1, C_2=C_2,
+                M=M, alpha=alpha, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
+    net = CountedDenoiser(net)
+    sigma_steps, vp = ablation_grid(net, num_steps, sigma_min, sigma_max, rho, discretization, epsilon_s, C_1, C_2, M)
     sigma_steps = sigma_steps.to(latents.device)
+    num_steps = len(sigma_steps)
 
     # Noise level schedule sigma(t) and scaling s(t).
     sched = vp if schedule == 'vp' else schedules.VESchedule() if schedule == 've' else schedules.LinearSchedule()
@@ -278,7 +308,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     else:
         s, s_deriv = (lambda t: 1), (lambda t: 0)
 
-    t_steps = sigma_inv(net.round_sigma(sigma_steps))
+    t_steps = sigma_inv(sigma_steps)
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
 
     t_next = t_steps[0]
@@ -288,7 +318,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
 
         # Increase noise temporarily.
         gamma = min(S_churn / num_steps, np.sqrt(2) - 1) if S_min <= sigma(t_cur) <= S_max else 0
-        t_hat = sigma_inv(net.round_sigma(sigma(t_cur) + gamma * sigma(t_cur)))
+        t_hat = sigma_inv(net.round_sigma((sigma(t_cur) + gamma * sigma(t_cur)).clamp(max=net.sigma_max)))
         x_hat = (s(t_hat) / s(t_cur) * x_cur
                  + (sigma(t_hat) ** 2 - sigma(t_cur) ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur))
 
@@ -396,6 +426,22 @@ def dpm_solver_plan(noise_schedule, steps, order, method, skip_type='logSNR', t_
     return t_outer, orders, r
 
 
+def dpm_solver_grid(net, steps=20, order=3, method='singlestep', skip_type='logSNR', noise_schedule=None, t_start=None,
+                    t_end=None):
+    """(noise_schedule, t_outer, orders, r) of a dpm_solver_sampler run on `net` (dpm_solver_plan), with
+    [sigma(t_end), sigma(t_start)] clamped to the model's [sigma_min, sigma_max] as EDM's samplers
+    clamp theirs: a discrete model's grid ends at its first level (the reference's own default
+    t_end = 1/N for discrete schedules) instead of asking the network for a level it was never
+    trained on."""
+    noise_schedule = noise_schedule or schedules.VPLinearNoiseSchedule()
+    clamped = clamped_sigma_range('dpm_solver', net, steps=steps, noise_schedule=noise_schedule, t_start=t_start, t_end=t_end)
+    if clamped:
+        (lo, hi), (lo_used, hi_used) = clamped
+        t_end = float(noise_schedule.t_of_sigma(lo_used)) if lo_used != lo else t_end
+        t_start = float(noise_schedule.t_of_sigma(hi_used)) if hi_used != hi else t_start
+    return (noise_schedule, *dpm_solver_plan(noise_schedule, steps, order, method, skip_type, t_start, t_end))
+
+
 def dpm_solver_sampler(net, latents, class_labels=None, steps=20, order=3, method='singlestep',
                        algorithm_type='dpmsolver', skip_type='logSNR', noise_schedule=None,
                        t_start=None, t_end=None, denoise_to_zero=False, return_nfe=False):
@@ -412,12 +458,12 @@ def dpm_solver_sampler(net, latents, class_labels=None, steps=20, order=3, metho
     returned sample is x_{t_end} = alpha_{t_end} x' (or D(x'; sigma(t_end)) with denoise_to_zero).
     class_labels: as edm_sampler's.
     """
-    if algorithm_type not in DPM_ALGORITHMS:
-        raise ValueError(f'unknown DPM-Solver algorithm_type {algorithm_type!r}; valid: {", ".join(DPM_ALGORITHMS)}')
+    check_entry('dpm_solver', net, steps=steps, order=order, method=method, algorithm_type=algorithm_type,
+                skip_type=skip_type, noise_schedule=noise_schedule, t_start=t_start, t_end=t_end,
+                denoise_to_zero=denoise_to_zero)
     class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
-    noise_schedule = noise_schedule or schedules.VPLinearNoiseSchedule()
-    t_outer, orders, r = dpm_solver_plan(noise_schedule, steps, order, method, skip_type, t_start, t_end)
-    sigma_outer = noise_schedule.sigma(t_outer)
+    noise_schedule, t_outer, orders, r = dpm_solver_grid(net, steps, order, method, skip_type, noise_schedule, t_start, t_end)
+    sigma_outer = noise_schedule.sigma(t_outer).clamp(net.sigma_min, net.sigma_max)  # t_of_sigma(sigma) round trips to 1 ulp
     net = CountedDenoiser(net)
     data_pred = algorithm_type == 'dpmsolver++'
 
@@ -542,7 +588,7 @@ def _integer(v):
 
 
 SETTING_DOMAINS = {
-    'num_steps': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
+    'num_steps': (lambda v: _integer(v) and v >= 2, 'an integer >= 2 (EDM Eq. 5 needs two grid points)'),
     'steps': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
     'sigma_min': (lambda v: v is None or _number(v) and 0 < v < math.inf, 'a positive finite number'),
     'sigma_max': (lambda v: v is None or _number(v) and 0 < v < math.inf, 'a positive finite number'),
@@ -585,6 +631,9 @@ def check_settings(sampler, **settings):
             raise ValueError(f'{name}: {problem}')
     get = lambda name: settings.get(name, inspect.signature(get_sampler(sampler)).parameters[name].default)
     if sampler in ('edm', 'ablation'):
+        for name in ('sigma_min', 'sigma_max'):
+            if sampler == 'edm' and name in settings and settings[name] is None:  # None: the ablation sampler's defaults only
+                raise ValueError(f'{name}: expected a positive finite number, got None')
         lo, hi = sigma_range(sampler, **settings)
         if not lo < hi:
             raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}'
@@ -600,10 +649,17 @@ def check_settings(sampler, **settings):
 
 
 def sigma_range(sampler, **settings):
-    """The (sigma_min, sigma_max) an edm or ablation run asks for: its settings, else the
-    sampler's defaults (the ablation sampler's depend on the discretization)."""
+    """The (sigma_min, sigma_max) a run asks for: an edm or ablation run's settings, else the
+    sampler's defaults (the ablation sampler's depend on the discretization); a dpm_solver run's
+    (sigma(t_end), sigma(t_start)) on its noise schedule (default: the linear VP), t_end and
+    t_start defaulting as dpm_solver_plan's."""
     defaults = inspect.signature(get_sampler(sampler)).parameters
     get = lambda name: settings.get(name, defaults[name].default)
+    if sampler == 'dpm_solver':
+        ns = get('noise_schedule') or schedules.VPLinearNoiseSchedule()
+        t_end = ns.default_t_end(get('steps')) if get('t_end') is None else get('t_end')
+        t_start = ns.T if get('t_start') is None else get('t_start')
+        return float(ns.sigma(t_end)), float(ns.sigma(t_start))
     lo, hi = get('sigma_min'), get('sigma_max')
     if sampler == 'ablation' and (lo is None or hi is None):
         default_min, default_max = ablation_sigma_range(get('discretization'), get('epsilon_s'))
@@ -613,16 +669,68 @@ def sigma_range(sampler, **settings):
 
 def clamped_sigma_range(sampler, net, **settings):
     """(requested, used) sigma range when a requested range reaches outside the model's own
-    [net.sigma_min, net.sigma_max] and the sampler clamps it as EDM's generate.py does, else None.
+    [net.sigma_min, net.sigma_max] and the sampler clamps it as EDM's generate.py does (for
+    dpm_solver: its t_end and t_start, see dpm_solver_grid), else None.
     ValueError when nothing of the range is left inside the model's."""
-    if sampler not in ('edm', 'ablation'):
-        return None
     lo, hi = sigma_range(sampler, **settings)
     used = (max(lo, net.sigma_min), min(hi, net.sigma_max))
     if not used[0] < used[1]:
         raise ValueError(f'sigma range [{lo:g}, {hi:g}] lies outside the model\'s [{net.sigma_min:g}, '
                          f'{net.sigma_max:g}]: nothing is left to sample after clamping')
     return None if used == (lo, hi) else ((lo, hi), used)
+
+
+def clamping_note(sampler, net, clamped):
+    """The one line that says a run's sigma range was clamped (clamped_sigma_range's answer)."""
+    (lo, hi), (lo_used, hi_used) = clamped
+    return (f'{sampler} sigma range [{lo:g}, {hi:g}] reaches outside the model\'s [{net.sigma_min:g}, {net.sigma_max:g}]: '
+            f'sampled on [{lo_used:g}, {hi_used:g}] (clamped, as EDM\'s generate.py does)')
+
+
+class SigmaRangeClamped(UserWarning):
+    """A sampler's sigma range reached outside the model's and was clamped to it."""
+
+
+# Arguments every sampler takes first (EDM's generate.py); everything after them is a setting.
+COMMON_ARGUMENTS = ('net', 'latents', 'class_labels', 'randn_like', 'return_nfe')
+
+
+def setting_names(sampler):
+    """The settings a sampler takes: its signature after the common arguments."""
+    return [name for name in inspect.signature(get_sampler(sampler)).parameters if name not in COMMON_ARGUMENTS]
+
+
+def check_entry(sampler, net, **settings):
+    """The entry check of every public sampler function (generate and each sampler), before any
+    work: every setting a setting of this sampler, in its domain and consistent with the others
+    (check_settings), and the run's sigma range against the model's (clamped_sigma_range). A
+    refusal is a ValueError with the text `orchestrator validate` prints after its field path; a
+    range partly outside the model's is clamped, with one SigmaRangeClamped warning."""
+    valid = setting_names(sampler)
+    for name in settings:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            raise ValueError(f'{name}: not a parameter of {sampler}{f" (did you mean {close[0]!r}?)" if close else ""}; '
+                             f'valid: {", ".join(sorted(valid))}')
+    check_settings(sampler, **settings)
+    clamped = clamped_sigma_range(sampler, net, **settings)
+    if clamped:
+        warnings.warn(clamping_note(sampler, net, clamped), SigmaRangeClamped, stacklevel=3)
+
+
+def step_summary(sampler, net, **settings):
+    """What a run walks, for its row: distinct_steps (the steps between distinct noise levels:
+    edm and ablation after rounding to the model's levels, dpm_solver its outer steps) and
+    sigma_end (the last noise level of the grid, after clamping to the model's range)."""
+    kwargs = {name: p.default for name, p in inspect.signature(get_sampler(sampler)).parameters.items()
+              if name not in COMMON_ARGUMENTS}
+    kwargs.update(settings)
+    take = lambda fn: {k: v for k, v in kwargs.items() if k in inspect.signature(fn).parameters and k != 'net'}
+    if sampler == 'dpm_solver':
+        noise_schedule, t_outer, orders, _ = dpm_solver_grid(net, **take(dpm_solver_grid))
+        return dict(distinct_steps=len(orders), sigma_end=float(noise_schedule.sigma(t_outer[-1]).clamp(net.sigma_min)))
+    grid = edm_grid(net, **take(edm_grid)) if sampler == 'edm' else ablation_grid(net, **take(ablation_grid))[0]
+    return dict(distinct_steps=len(grid), sigma_end=float(grid[-1]))
 
 
 class NonFiniteSamples(ValueError):
@@ -666,6 +774,7 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
     class_labels: None, N = len(seeds) class indices or an [N, label_dim] one-hot tensor
     (check_class_labels); class_idx: one integer class for every image, not with class_labels."""
     sampler_fn = get_sampler(sampler)
+    check_entry(sampler, net, **sampler_kwargs)
     shape = [net.img_channels, net.img_resolution, net.img_resolution]
     label_dim = getattr(net, 'label_dim', 0)
     seeds = check_seeds(seeds)
@@ -693,8 +802,10 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
         if sampler != 'dpm_solver':
             kwargs['randn_like'] = rnd.randn_like
         watched = _FirstNonFinite(net)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter('ignore', SigmaRangeClamped)  # said once above, not once per batch
             images, nfe = sampler_fn(watched, latents, labels, return_nfe=True, **kwargs)
+        images = images.to(torch.float32)  # checked as kept: a float64 1e300 is a float32 inf
         finite = torch.isfinite(images).flatten(1).all(1)
         if not finite.all():
             at = float(watched.sigma) if watched.sigma is not None and not watched.sigma.isnan() else None
@@ -704,7 +815,7 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
                 f'not finite ({sampler}{" " + settings if settings else ""}); '
                 + (f'the denoiser first returned non-finite values at sigma {at:g}' if at is not None else
                    "the denoiser's outputs were finite: the sampler's own arithmetic made them"))
-        out.append(images.to(torch.float32).cpu())
+        out.append(images.cpu())
         out_labels.append(None if labels is None else labels.cpu())
     images = torch.cat(out)
     if return_labels:

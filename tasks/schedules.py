@@ -227,19 +227,53 @@ class VPDiscreteNoiseSchedule(DPMNoiseSchedule):
     """Discrete-time DPM (DDPM) with N betas, seen at continuous times t_n = (n + 1) / N with
     log alpha_t piecewise linear in t, as the reference does. Levels with log-SNR below -5.1 at
     the noisy end are dropped (the reference's numerical_clip_alpha; e.g. cosine schedules) and
-    N is then the number of levels kept."""
+    N is then the number of levels kept.
+
+    Levels of sigma 0 at the clean end (alphas_cumprod = 1: betas starting at 0, or MONAI's cosine
+    form) are dropped too, as MONAI PR 8427 clips them away: lambda is infinite there, and DPM-Solver
+    on such a grid gives NaN. `first_level` counts them: kept level j is training step
+    first_level + j. Anything else that is not a noise schedule (betas outside [0, 1], NaN,
+    alphas_cumprod that rise, or two training steps of the same level) is a ValueError."""
 
     def __init__(self, betas=None, alphas_cumprod=None, clipped_lambda=-5.1):
         if (betas is None) == (alphas_cumprod is None):
             raise ValueError('give exactly one of betas or alphas_cumprod')
         if betas is not None:
-            log_alphas = 0.5 * torch.log1p(-_f64(betas)).cumsum(0)
+            betas = _f64(betas)
+            bad = ~((betas >= 0) & (betas <= 1))  # NaN too
+            if betas.ndim != 1 or not len(betas) or bad.any():
+                raise ValueError('betas: expected a non-empty 1-D sequence in [0, 1], got '
+                                 + (f'shape {list(betas.shape)}' if betas.ndim != 1 or not len(betas)
+                                    else f'{float(betas[bad][0])!r} at step {int(bad.nonzero()[0])}'))
+            log_alphas = 0.5 * torch.log1p(-betas).cumsum(0)
         else:
-            log_alphas = 0.5 * _f64(alphas_cumprod).log()
+            abar = _f64(alphas_cumprod)
+            bad = ~((abar >= 0) & (abar <= 1))
+            if abar.ndim != 1 or not len(abar) or bad.any():
+                raise ValueError('alphas_cumprod: expected a non-empty 1-D sequence in [0, 1], got '
+                                 + (f'shape {list(abar.shape)}' if abar.ndim != 1 or not len(abar)
+                                    else f'{float(abar[bad][0])!r} at step {int(bad.nonzero()[0])}'))
+            log_alphas = 0.5 * abar.log()
+        rising = (log_alphas.diff() > 0).nonzero().flatten()
+        if len(rising):
+            n = int(rising[0]) + 1
+            raise ValueError(f'alphas_cumprod rises at step {n} ({float(log_alphas[n - 1].exp() ** 2):.6g} -> '
+                             f'{float(log_alphas[n].exp() ** 2):.6g}): not a noise schedule')
+        self.first_level = int((log_alphas == 0).sum())  # sigma 0: leading, as log alpha never rises
+        log_alphas = log_alphas[self.first_level:]
+        if not len(log_alphas):
+            raise ValueError('alphas_cumprod: every level is 1 (sigma 0): the schedule adds no noise')
         lambdas = log_alphas - 0.5 * (-torch.expm1(2 * log_alphas)).log()
         idx = int(torch.searchsorted(lambdas.flip(0).contiguous(), torch.tensor([clipped_lambda], dtype=F64)))
+        if idx == len(log_alphas):
+            raise ValueError(f'every level has log-SNR below {clipped_lambda}: nothing is left after the clip')
         if idx > 0:
             log_alphas = log_alphas[:-idx]
+        repeated = (log_alphas.diff() == 0).nonzero().flatten()
+        if len(repeated):
+            n = self.first_level + int(repeated[0]) + 1
+            raise ValueError(f'alphas_cumprod: training steps {n - 1} and {n} have the same noise level (beta_{n} = 0): '
+                             'the time input at that level would be ambiguous')
         # As the reference: N counts the kept levels only, and time is re-spaced over (1/N, 1],
         # which moves lambda_T, the default end time 1/N and the model time (t - 1/N) * 1000.
         self.log_alpha_array = log_alphas

@@ -83,7 +83,8 @@ def atomic_torch_save(obj, path):
 
 
 class NonFiniteLoss(ValueError):
-    """The training loss became NaN or infinite: the run stops (nothing after it would mean anything)."""
+    """The training loss, or a network about to be saved, became NaN or infinite: the run stops
+    (nothing after it would mean anything)."""
 
 
 def check_finite_loss(record, world_size=1):
@@ -308,7 +309,14 @@ def read_log(path):
 
 
 def _save_network(run_dir, ema, config, cur_nimg, dataset, label_dim, data_info, recorder, log, name=NETWORK):
-    """The EMA network with its resolved config and training log (NETWORK at the end, or a snapshot)."""
+    """The EMA network with its resolved config and training log (NETWORK at the end, or a snapshot);
+    NonFiniteLoss instead when a weight to be saved is not finite."""
+    for what, module in (('the EMA network', ema), ('h_phi (dynamic recording)', recorder and recorder.h)):
+        bad = [k for k, v in (module.state_dict() if module is not None else {}).items()
+               if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLoss(f'training: {what} holds non-finite weights ({", ".join(bad[:3])}) at {cur_nimg / 1000:g} kimg; '
+                                f'{name} is not saved (lower lr, check the data and the network)')
     atomic_torch_save(dict(ema=ema.state_dict(), config=dataclasses.asdict(config), cur_nimg=cur_nimg,
                            image_shape=(dataset.channels, dataset.resolution), label_dim=label_dim, data_info=data_info,
                            offset_net=None if recorder is None else recorder.h.state_dict(), log=log),

@@ -305,7 +305,8 @@ def test_diffusers_sigma_grid_and_time_input_are_the_schedulers(tmp_path, beta_s
 def test_diffusers_prediction_types_give_D_in_closed_form(tmp_path, prediction_type):
     """D(x; sigma) in the non-scaled space (x = y + sigma n) from a UNet whose output F is known.
     With alpha = 1/sqrt(1 + sigma^2) and x_t = alpha x: epsilon D = x - sigma F; v_prediction
-    (v = alpha eps - std x_0) D = alpha^2 x - sigma alpha F; sample D = F."""
+    (v = alpha eps - std x_0) D = alpha^2 x - sigma alpha F; sample D = F. The float32 UNet gets
+    x_t cast to float32 (the dtype contract); the conversion stays in x's float64."""
     diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, scheduler))
@@ -319,7 +320,8 @@ def test_diffusers_prediction_types_give_D_in_closed_form(tmp_path, prediction_t
     assert torch.allclose(seen[0].double(), n.double(), rtol=1e-7, atol=1e-9)
     s = sigma.reshape(-1, 1, 1, 1)
     alpha = 1 / (1 + s ** 2).sqrt()
-    out = F(alpha * x, n)
+    out = F((alpha * x).to(torch.float32), n).to(torch.float64)
+    assert D.dtype == torch.float64  # in x's dtype
     expected = {'epsilon': x - s * out, 'v_prediction': alpha ** 2 * x - s * alpha * out, 'sample': out}[prediction_type]
     assert torch.allclose(D, expected, rtol=1e-10, atol=1e-12)
 

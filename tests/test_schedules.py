@@ -126,3 +126,59 @@ def test_dpm_time_grids():
     assert torch.allclose(t, torch.tensor([1.0, 0.55 ** 2, 0.01], dtype=torch.float64))
     with pytest.raises(ValueError, match='logSNR, time_uniform, time_quadratic'):
         schedules.dpm_time_steps(ns, 'cosine', 1.0, 1e-3, 4)
+
+
+def _monai_cosine(T=1000, s=0.008):
+    """MONAI's cosine schedule (Project-MONAI/MONAI, before PR 8427): alphas_cumprod of steps 0..T-1
+    normalised by f(0), so its first level is exactly 1 (sigma 0)."""
+    t = torch.arange(T + 1, dtype=torch.float64)
+    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (f / f[0])[:T]
+
+
+@pytest.mark.parametrize('form', ['monai_cosine', 'betas_from_zero'])
+def test_a_first_level_of_sigma_0_is_dropped_and_steps_keep_their_index(form):
+    """alphas_cumprod[0] = 1 (MONAI's cosine form; betas starting at 0) has lambda = inf: that level
+    is dropped, as MONAI PR 8427 clips it away. The schedule's smallest sigma is then step 1's, and
+    the model time of kept level j is its training step j + 1."""
+    from tasks import precond
+    if form == 'monai_cosine':
+        abar = _monai_cosine()
+        ns = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=abar)
+    else:
+        betas = torch.linspace(0, 0.02, 1000, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0)
+        ns = schedules.VPDiscreteNoiseSchedule(betas=betas)
+    assert float(abar[0]) == 1.0 and ns.first_level == 1
+    levels = ns.sigma(ns.t_array)
+    assert torch.isfinite(levels).all() and float(levels[0]) > 0
+    assert float(levels[0]) == pytest.approx(float(((1 - abar[1]) / abar[1]).sqrt()), rel=1e-9)
+    net = precond.VPModelDenoiser(lambda x_t, t, labels: torch.zeros_like(x_t), ns, num_train_timesteps=1000)
+    assert net.sigma_min == pytest.approx(float(levels[0]), rel=1e-12) and net.sigma_min > 0
+    steps = net.model_time(ns.t_array[[0, 1, 100, -1]])
+    assert torch.allclose(steps, torch.tensor([1.0, 2.0, 101.0, ns.total_N], dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(betas=[0.1, 1.5, 0.2]), r'betas: expected a non-empty 1-D sequence in \[0, 1\], got 1.5 at step 1'),
+    (dict(betas=[0.1, float('nan')]), r'got nan at step 1'),
+    (dict(alphas_cumprod=[0.9, 0.95, 0.5]), r'alphas_cumprod rises at step 1 \(0.9 -> 0.95\): not a noise schedule'),
+    (dict(alphas_cumprod=[1.0, 0.9, 0.9, 0.5]), r'training steps 1 and 2 have the same noise level \(beta_2 = 0\)'),
+    (dict(alphas_cumprod=[1.0, 1.0]), r'every level is 1 \(sigma 0\)'),
+    (dict(alphas_cumprod=[1e-6, 1e-7]), r'every level has log-SNR below -5.1'),
+    (dict(alphas_cumprod=[[0.9, 0.5]]), r'alphas_cumprod: expected a non-empty 1-D sequence in \[0, 1\], got shape \[1, 2\]'),
+])
+def test_schedules_that_are_not_noise_schedules_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        schedules.VPDiscreteNoiseSchedule(**kwargs)
+
+
+def test_dpm_solver_on_a_schedule_with_a_sigma_0_level_gives_finite_samples():
+    """The report: DPM-Solver on MONAI's cosine schedule returned only NaN."""
+    from tasks import precond, samplers
+    ns = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=_monai_cosine())
+    net = precond.VPModelDenoiser(lambda x_t, t, labels: 0.1 * x_t, ns, num_train_timesteps=1000)  # any finite network
+    latents = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = samplers.dpm_solver_sampler(net, latents, steps=10, order=2, method='multistep', noise_schedule=ns,
+                                    skip_type='time_uniform')
+    assert torch.isfinite(x).all()

@@ -635,9 +635,10 @@ def check_settings(sampler, **settings):
             if sampler == 'edm' and name in settings and settings[name] is None:  # None: the ablation sampler's defaults only
                 raise ValueError(f'{name}: expected a positive finite number, got None')
         lo, hi = sigma_range(sampler, **settings)
-        if not lo < hi:
-            raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}'
-                             + (' (the default)' if 'sigma_min' not in settings or 'sigma_max' not in settings else ''))
+        if not lo < hi:  # '(the default)': one of the two is the sampler's default (given or not: the same text)
+            defaulted = any(get(name) == inspect.signature(get_sampler(sampler)).parameters[name].default
+                            for name in ('sigma_min', 'sigma_max'))
+            raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}' + (' (the default)' if defaulted else ''))
         if not get('S_min') <= get('S_max'):
             raise ValueError(f'S_min: {get("S_min"):g} is above S_max = {get("S_max"):g}')
     if sampler == 'dpm_solver':

@@ -529,3 +529,62 @@ def test_per_class_calibration_with_an_empty_class_is_refused(gmm):
         calibration.CalibratedDenoiser(net, table, context='trial x')
     pooled = calibration.CalibratedDenoiser(net, table, per_class=False)
     assert torch.isfinite(pooled(y[:4], 0.5, torch.tensor([0, 1, 2, 0]))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finiteness on the values as kept (field reports, second round).
+
+class _Scaled:
+    """D = scale * x below `below` (NaN with scale = nan), the zero denoiser above: finite inputs
+    that make a non-finite or overflowing number downstream."""
+    sigma_min, sigma_max, img_channels, img_resolution, label_dim = 0.002, 80.0, 1, 4, 0
+
+    def __init__(self, scale, below=float('inf'), dtype=None):
+        self.scale, self.below, self.dtype = scale, below, dtype
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        x = x.to(self.dtype or x.dtype)  # dtype: a user's denoiser that answers in float64 whatever it is given
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, *[1] * (x.ndim - 1))
+        return torch.where(sigma < self.below, x * self.scale, torch.zeros_like(x))
+
+
+def test_fit_offset_net_refuses_a_model_that_is_nan_below_a_sigma():
+    """The report: an OffsetNet whose weights and c(sigma) were NaN, without an error."""
+    images = (torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    with pytest.raises(calibration.CalibrationError, match=r'fit_offset_net: D\(x; sigma\) - y is not finite for a batch'):
+        calibration.fit_offset_net(_Scaled(float('nan'), below=0.01), images, steps=50, batch_size=64)
+    h = calibration.fit_offset_net(_Scaled(0.5), images, steps=5, batch_size=8)  # a finite model: as before
+    assert all(torch.isfinite(p).all() for p in h.parameters())
+
+
+def test_a_float64_D_that_overflows_in_float32_is_refused_by_the_recorder():
+    """D = 1e300 is finite in float64 and inf once cast to the recorder's float32: no step is taken."""
+    h = calibration.OffsetNet((1, 4, 4))
+    recorder = calibration.DynamicRecorder(h)
+    before = [p.clone() for p in h.parameters()]
+    loss = recorder.update(torch.tensor([0.5, 1.0]), torch.full((2, 1, 4, 4), 1e300, dtype=torch.float64),
+                           torch.zeros(2, 1, 4, 4))
+    assert not math.isfinite(loss) and all(torch.equal(a, b) for a, b in zip(before, h.parameters()))
+
+
+def test_tables_whose_sums_overflow_are_refused():
+    """float64 sums of squares of a D of 1e200 are inf: estimate_table and merge refuse the table;
+    dsm_gap refuses offsets whose square overflows."""
+    images = torch.zeros(4, 1, 4, 4)
+    with pytest.raises(calibration.CalibrationError, match=r'estimate_table: the sums of the table overflow at sigma 0.5 '
+                                                            r'\(sum_r2 is not finite\)'):
+        calibration.estimate_table(_Scaled(1e200, dtype=torch.float64), images, [0.5], chunk_size=2)
+    a, b = calibration.CalibrationTable([0.5], (1,)), calibration.CalibrationTable([0.5], (1,))
+    for chunk, table in enumerate((a, b)):  # each finite (1e308), their sum is not
+        table.add(0, torch.tensor([[1e154]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+        table.chunks = {chunk}
+    with pytest.raises(calibration.CalibrationError, match='merge: the sums of the table overflow'):
+        a.merge(b)
+    table = calibration.CalibrationTable([1e-3, 0.5], (1,))
+    table.add(0, torch.tensor([[1e160]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    table.add(1, torch.tensor([[1.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    with pytest.raises(calibration.CalibrationError, match=r'\|\|E eps\|\|\^2 is not finite at sigma 0.001'):
+        calibration.dsm_gap(table)

@@ -267,3 +267,26 @@ def test_evaluate_refuses_labels_that_do_not_match_num_images():
     reference = dict(mu=np.zeros(metrics.FEATURES), sigma=np.eye(metrics.FEATURES), count=10)
     with pytest.raises(ValueError, match=r'class_labels: expected N = 4 integer class indices in \[0, 2\) or an \[4, 2\] one-hot'):
         metrics.evaluate(_two_class_net(), reference, extractor, 4, 'edm', class_labels=torch.eye(2)[[0, 1, 1]], num_steps=2)
+
+
+def test_features_and_statistics_are_checked_as_kept(random_state_dict):
+    """Non-finite numbers never become a metric: features from a broken network, feature sums that
+    overflow, KID / precision-recall features that are finite in float64 but inf in the float32
+    torch-fidelity computes them in."""
+    broken = dict(random_state_dict)
+    key = next(k for k, v in broken.items() if v.is_floating_point() and v.ndim == 4)
+    broken[key] = torch.full_like(broken[key], float('nan'))
+    extractor = metrics.InceptionFeatures(broken, name='nan-inception')
+    with pytest.raises(metrics.MetricsError, match=r'^nan-inception features: not finite \(NaN or inf\)'):
+        extractor(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    stats = metrics.FeatureStats(dim=4)
+    stats.add(torch.full((3, 4), 1e200, dtype=torch.float64))  # squares overflow the covariance sums
+    with pytest.raises(metrics.MetricsError, match=r'^feature covariance: not finite'):
+        stats.statistics()
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(20, 4, generator=g, dtype=torch.float64)
+    with pytest.raises(metrics.MetricsError, match=r'^KID features: not finite'):
+        metrics.kernel_inception_distance(fake * 1e300, real, subsets=2, subset_size=10)
+    with pytest.raises(metrics.MetricsError, match=r'^precision/recall features: not finite'):
+        metrics.improved_precision_recall(fake * 1e300, real)
+    assert set(metrics.kernel_inception_distance(fake, real, subsets=2, subset_size=10)) == {'kid_mean', 'kid_std'}

@@ -1,3 +1,5 @@
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +337,150 @@ def test_bad_seeds_are_refused_naming_the_argument(seeds, match):
         samplers.generate(oracle, seeds, 'edm', num_steps=2)
     with pytest.raises(ValueError, match=match):
         samplers.StackedRandomGenerator('cpu', seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field reports, second round: the entry check, discrete levels, sigma grids inside the model.
+
+class _OnLevels:
+    """The Gaussian oracle seen through a model's noise levels: its sigma range and round_sigma
+    (e.g. iDDPM's 1000 levels u_j), recording every sigma it is asked for."""
+
+    def __init__(self, levels_of, gaussian):
+        self.levels_of, self.gaussian, self.asked = levels_of, gaussian, []
+        self.sigma_min, self.sigma_max = levels_of.sigma_min, levels_of.sigma_max
+
+    def round_sigma(self, sigma):
+        return self.levels_of.round_sigma(sigma)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.asked.append(torch.as_tensor(sigma, dtype=torch.float64).reshape(-1))
+        return self.gaussian(x, sigma)
+
+
+def _iddpm_levels():
+    return precond.iDDPMPrecond(img_resolution=1, img_channels=1, model_type=None)
+
+
+@pytest.mark.parametrize('sampler,settings,distinct', [
+    ('edm', dict(num_steps=100), 94), ('edm', dict(num_steps=64), 63),
+    ('ablation', dict(num_steps=50, discretization='iddpm', sigma_min=10, sigma_max=20), 31)])
+def test_repeated_levels_are_stepped_once_with_the_same_deterministic_result(gaussian, monkeypatch, sampler, settings,
+                                                                             distinct):
+    """diffusers PRs 4231, 6477: rounding to iDDPM's 1000 levels makes zero-size steps (EDM's sampler
+    at 100 steps: 94 distinct levels, 199 evaluations; the ablation sampler's iddpm discretization in
+    [10, 20] at 50 steps: 19 zero-size steps). They are removed: fewer evaluations, and the
+    deterministic result is bit for bit the one with them (a zero-size step is x + 0 * d)."""
+    latents = _latents(8)
+    net = _OnLevels(_iddpm_levels(), gaussian)
+    x, nfe = samplers.get_sampler(sampler)(net, latents, return_nfe=True, **settings)
+    assert nfe == 2 * distinct - 1 and samplers.step_summary(sampler, net, **settings)['distinct_steps'] == distinct
+    monkeypatch.setattr(samplers, 'distinct_levels', lambda sigmas: sigmas)  # NVlabs/edm's way: every step
+    x_all, nfe_all = samplers.get_sampler(sampler)(_OnLevels(_iddpm_levels(), gaussian), latents, return_nfe=True, **settings)
+    assert nfe_all == 2 * settings['num_steps'] - 1 and torch.equal(x, x_all)
+
+
+def test_stochastic_churn_counts_the_distinct_steps(gaussian):
+    """gamma = min(S_churn / N', sqrt(2) - 1) with N' the distinct steps (31 of 50 for the iddpm
+    discretization in [10, 20]), so the stochastic result changes from NVlabs/edm's (README
+    decision)."""
+    net = _OnLevels(types_namespace(sigma_min=0.002, sigma_max=80), gaussian)
+    settings = dict(num_steps=50, discretization='iddpm', sigma_min=10, sigma_max=20, S_churn=5)
+    samplers.ablation_sampler(net, _latents(2), randn_like=torch.zeros_like, **settings)
+    grid, _ = samplers.ablation_grid(net, **{k: v for k, v in settings.items() if k != 'S_churn'})
+    assert len(grid) == 31
+    assert float(net.asked[0][0]) == pytest.approx(float(grid[0]) * (1 + 5 / 31), rel=1e-12)
+
+
+def test_every_sigma_asked_is_inside_the_models_range(gaussian):
+    """DPM-Solver's default grid (t_end 1e-4 on the linear VP: sigma 0.00318) reached below a
+    discrete model's first level (DDPM: 0.0100), where the UNet got a negative training step; EDM's
+    churn lifted t_hat above sigma_max. Now every sigma lies in [sigma_min, sigma_max]: the grid
+    ends at the first level (sigma_end) and t_hat stops at sigma_max."""
+    from tasks import schedules
+    ns = schedules.VPDiscreteNoiseSchedule.ddpm_linear()
+    ddpm = precond.VPModelDenoiser(lambda x_t, t, labels: torch.zeros_like(x_t), ns)
+    for settings in (dict(steps=20, order=3, t_end=1e-4), dict(steps=10, order=2, method='multistep', t_end=1e-4),
+                     dict(steps=12, order=1, t_end=1e-4, denoise_to_zero=True)):
+        net = _OnLevels(ddpm, gaussian)
+        with pytest.warns(samplers.SigmaRangeClamped, match=r"dpm_solver sigma range \[0.00317\d*, 152.\d+\] reaches outside"):
+            samplers.dpm_solver_sampler(net, _latents(2), **settings)
+        asked = torch.cat(net.asked)
+        assert float(asked.min()) >= ddpm.sigma_min and float(asked.max()) <= ddpm.sigma_max
+        assert samplers.step_summary('dpm_solver', ddpm, **settings)['sigma_end'] == pytest.approx(ddpm.sigma_min, rel=1e-12)
+        assert float(ddpm.model_time(ns.t_of_sigma(asked)).min()) > -1e-6  # no negative training step
+    vp = precond.VPPrecond(img_resolution=1, img_channels=1, model_type=None)  # sigma_max 152.2
+    net = _OnLevels(vp, gaussian)
+    samplers.edm_sampler(net, _latents(2), num_steps=6, sigma_max=150, S_churn=10, randn_like=torch.zeros_like)
+    assert float(torch.cat(net.asked).max()) == vp.sigma_max
+
+
+BAD_SETTINGS = [
+    ('edm', dict(rho=0), 'rho: expected a positive finite number, got 0'),
+    ('edm', dict(num_steps=1), 'num_steps: expected an integer >= 2 (EDM Eq. 5 needs two grid points), got 1'),
+    ('ablation', dict(num_steps=1), 'num_steps: expected an integer >= 2 (EDM Eq. 5 needs two grid points), got 1'),
+    ('edm', dict(sigma_min=100), 'sigma_min: 100 is not below sigma_max = 80 (the default)'),
+    ('edm', dict(sigma_min=50, sigma_max=10), 'sigma_min: 50 is not below sigma_max = 10'),
+    ('ablation', dict(sigma_min=5.0, sigma_max=1.0), 'sigma_min: 5 is not below sigma_max = 1'),
+    ('edm', dict(S_min=10, S_max=1), 'S_min: 10 is above S_max = 1'),
+    ('dpm_solver', dict(t_start=0.1, t_end=0.5), 't_end: 0.5 is not below t_start = 0.1'),
+    ('dpm_solver', dict(steps=2, order=3), 'steps: 2 is fewer than order = 3 (DPM-Solver needs steps >= order)'),
+    ('edm', dict(sigma_min=200, sigma_max=300), "sigma range [200, 300] lies outside the model's [0.002, 80]: nothing is "
+                                                'left to sample after clamping'),
+    ('dpm_solver', dict(t_start=1e-5, t_end=1e-6), "lies outside the model's [0.002, 80]"),
+]
+
+
+@pytest.mark.parametrize('sampler,settings,message', BAD_SETTINGS)
+def test_public_sampler_functions_refuse_what_validate_refuses(sampler, settings, message):
+    """huggingface/diffusers #5077, #14586: the Python API sampled what `validate` refuses
+    (sigma_min above sigma_max: the grid 80 -> 84.6 -> ... -> 100; integrating backwards; rho = 0 a
+    bare ZeroDivisionError). generate and each sampler refuse with one ValueError line before any
+    evaluation (test_spec checks that validate prints the same text)."""
+    net = _OnLevels(types_namespace(sigma_min=0.002, sigma_max=80), _NaNBelow(0.0))
+    net.img_channels, net.img_resolution = 1, 4
+    exact = message if message.startswith(('sigma range', 'rho', 'num_steps', 'sigma_min', 'S_min', 't_end', 'steps')) else None
+    for call in (lambda: samplers.generate(net, [0, 1], sampler, **settings),
+                 lambda: samplers.get_sampler(sampler)(net, _latents(2), **settings)):
+        with pytest.raises(ValueError) as error:
+            call()
+        if exact:
+            assert str(error.value) == exact
+        else:  # the dpm_solver sigmas print as the schedule computes them
+            assert str(error.value).startswith('sigma range [0.000') and message in str(error.value)
+    assert net.asked == []
+
+
+def test_generate_refuses_a_setting_the_sampler_does_not_take():
+    net = types_namespace(sigma_min=0.002, sigma_max=80, img_channels=1, img_resolution=4)
+    with pytest.raises(ValueError, match=r"^num_step: not a parameter of edm \(did you mean 'num_steps'\?\); valid: S_churn, "
+                                         r"S_max, S_min, S_noise, num_steps, rho, sigma_max, sigma_min$"):
+        samplers.generate(net, [0], 'edm', num_step=4)
+
+
+def types_namespace(**attributes):
+    """A stand-in for a model's noise levels: sigma range, identity round_sigma."""
+    return types.SimpleNamespace(round_sigma=torch.as_tensor, **attributes)
+
+
+def test_a_range_partly_outside_is_clamped_with_one_warning(gaussian):
+    """Clamped as EDM's generate.py clamps it, said once per generate call (not once per batch)."""
+    net = _OnLevels(types_namespace(sigma_min=0.002, sigma_max=80), gaussian)
+    net.img_channels, net.img_resolution = 6, 1
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        samplers.generate(net, range(5), 'edm', batch_size=2, num_steps=4, sigma_max=200)
+    said = [w for w in caught if issubclass(w.category, samplers.SigmaRangeClamped)]
+    assert [str(w.message) for w in said] == [
+        "edm sigma range [0.002, 200] reaches outside the model's [0.002, 80]: sampled on [0.002, 80] (clamped, as EDM's "
+        "generate.py does)"]
+    assert float(torch.cat(net.asked).max()) == 80
+
+
+def test_generate_checks_the_samples_as_kept():
+    """S_noise = 1e40 lies in its domain; the float64 state stays finite but the float32 images it
+    returns would be inf: refused as NonFiniteSamples, never returned."""
+    net = _NaNBelow(0.0)
+    with pytest.raises(samplers.NonFiniteSamples, match='are not finite'):
+        samplers.generate(net, range(2), 'edm', num_steps=4, S_churn=10, S_noise=1e40)

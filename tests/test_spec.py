@@ -105,15 +105,15 @@ def test_calibration_tables_are_a_sweep_axis(tmp_path):
      'sweep.samplers[0].sigma_min: expected a positive finite number, got 0'),
     (dict(sweep__samplers=[dict(sampler='edm', num_steps=5, sigma_min=80, sigma_max=0.002)]),
      'sweep.samplers: trial 0 (edm num_steps=5 sigma_max=0.002 sigma_min=80): sigma_min: 80 is not below sigma_max = 0.002'),
-    (dict(sweep__samplers=[dict(sampler='edm', num_steps=[8, 0])]), 'sweep.samplers[0].num_steps[1]: expected an integer >= 1, got 0'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=[8, 0])]), 'sweep.samplers[0].num_steps[1]: expected an integer >= 2 (EDM Eq. 5 needs two grid points), got 0'),
     (dict(sweep__samplers=[dict(sampler='edm', rho=-7)]), 'sweep.samplers[0].rho: expected a positive finite number, got -7'),
     (dict(sweep__samplers=[dict(sampler='edm', S_churn=-1)]), 'sweep.samplers[0].S_churn: expected a finite number >= 0, got -1'),
     (dict(sweep__samplers=[dict(sampler='edm', S_churn=40, S_min=1, S_max=0.05)]),
      'sweep.samplers: trial 0 (edm S_churn=40 S_max=0.05 S_min=1): S_min: 1 is above S_max = 0.05'),
     (dict(sweep__samplers=[dict(sampler='edm', S_noise=0)]), 'sweep.samplers[0].S_noise: expected a positive finite number, got 0'),
     (dict(sweep__samplers=[dict(sampler='edm', sigma_max=float('inf'))]), 'sweep.samplers[0].sigma_max: expected a positive finite'),
-    (dict(sweep__samplers=[dict(sampler='edm', num_steps=2.5)]), 'sweep.samplers[0].num_steps: expected an integer >= 1, got 2.5'),
-    (dict(sweep__samplers=[dict(sampler='edm', num_steps=True)]), 'sweep.samplers[0].num_steps: expected an integer >= 1, got True'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=2.5)]), 'sweep.samplers[0].num_steps: expected an integer >= 2 (EDM Eq. 5 needs two grid points), got 2.5'),
+    (dict(sweep__samplers=[dict(sampler='edm', num_steps=True)]), 'sweep.samplers[0].num_steps: expected an integer >= 2 (EDM Eq. 5 needs two grid points), got True'),
     (dict(sweep__samplers=[dict(sampler='edm', rho='7')]), "sweep.samplers[0].rho: expected a positive finite number, got '7'"),
     (dict(sweep__samplers=[dict(sampler='edm', num_steps=[])]), 'sweep.samplers[0].num_steps: empty list'),
     (dict(sweep__samplers=[dict(sampler='ablation', solver='rk4')]), "sweep.samplers[0].solver: expected one of euler, heun, got 'rk4'"),
@@ -628,3 +628,23 @@ def test_a_sigma_range_outside_the_models_is_clamped_and_said(tmp_path, capsys):
     net = precond.VPPrecond(img_resolution=1, img_channels=1, model_type=None)
     queried = calibration.queried_sigmas('edm', net, num_steps=5, sigma_max=200)
     assert float(queried.max()) == pytest.approx(float(net.round_sigma(torch.tensor(net.sigma_max))), rel=1e-6)
+
+
+@pytest.mark.parametrize('sampler,settings', [
+    ('edm', dict(rho=0)), ('edm', dict(num_steps=1)), ('edm', dict(sigma_min=100)), ('edm', dict(sigma_min=50, sigma_max=10)),
+    ('ablation', dict(sigma_min=5.0, sigma_max=1.0)), ('edm', dict(S_min=10, S_max=1)),
+    ('dpm_solver', dict(t_start=0.1, t_end=0.5)), ('dpm_solver', dict(steps=2, order=3)),
+    ('edm', dict(sigma_min=200, sigma_max=300)), ('dpm_solver', dict(t_start=1e-6, t_end=1e-7))])
+def test_validate_and_the_python_api_refuse_with_the_same_text(tmp_path, capsys, sampler, settings):
+    """The entry check of samplers.generate and `orchestrator validate` say the same thing: the
+    API's ValueError is validate's line after its field path (a VP model: sigma in
+    [0.000977, 152.17])."""
+    from tasks import precond, samplers
+    net = precond.VPPrecond(img_resolution=1, img_channels=1, model_type=None)
+    with pytest.raises(ValueError) as error:
+        samplers.generate(net, [0], sampler, **settings)
+    raw = _with(model__precond='vp', calibrate=DELETE, sweep__calibrated=[False],
+                sweep__samplers=[dict(sampler=sampler, **settings)])
+    assert cli.main(['validate', _write(tmp_path, raw)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith(str(error.value)) and line[-len(str(error.value)) - 1] in '.: ', (line, str(error.value))

@@ -125,3 +125,16 @@ def test_losses_use_table1_weights(name):
     assert out.shape == (4, 1, 2, 2)
     with pytest.raises(ValueError, match='vp, ve, edm'):
         losses.build_loss('l1')
+
+
+def test_a_network_with_non_finite_weights_is_never_saved(tmp_path):
+    """The EMA network (and h_phi) are checked as they are about to be kept: NonFiniteLoss, no file."""
+    import types
+    config = train.TrainConfig(preset='ddpmpp-tiny', network_overrides=dict(model_channels=8))
+    ema = train.build_network(config, (1, 8), 0)
+    with torch.no_grad():
+        next(ema.parameters()).fill_(float('inf'))
+    dataset = types.SimpleNamespace(channels=1, resolution=8)
+    with pytest.raises(train.NonFiniteLoss, match=r'training: the EMA network holds non-finite weights \(.*\) at 0.016 kimg'):
+        train._save_network(str(tmp_path), ema, config, 16, dataset, 0, {}, None, [])
+    assert not (tmp_path / train.NETWORK).exists()

@@ -454,7 +454,10 @@ def likelihood_gain(table):
     weights[:-1] += gaps / 2
     weights[1:] += gaps / 2
     gap = dsm_gap(table)
-    return dict(nats=float((weights * gap['noise'][order]).sum()),
+    nats = float((weights * gap['noise'][order]).sum())
+    if not math.isfinite(nats):
+        raise CalibrationError(f'the likelihood gain is not finite ({nats}): the terms overflow when integrated')
+    return dict(nats=nats,
                 se=float((weights.square() * gap['noise_se'][order].square()).sum().sqrt()),
                 noise_floor=float((weights * gap['noise_floor'][order]).sum()), grid_points=len(ln_sigma))
 

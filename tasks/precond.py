@@ -158,13 +158,12 @@ class FastDenoiser(torch.nn.Module):
         return self.net.round_sigma(sigma)
 
     def forward(self, x, sigma, class_labels=None):
-        dtype_in = x.dtype
-        x = x.to(torch.float32)
+        """D in x's dtype; x goes to the wrapped denoiser as given (it casts for its network)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             D = self.forward_net(x, sigma, class_labels)
-        return D.to(torch.float32).contiguous().to(dtype_in)
+        return D.to(x.dtype).contiguous()
 
 
 def build_denoiser(preset, precond='edm', img_resolution=32, img_channels=3, label_dim=0,

@@ -96,6 +96,19 @@ def test_D_comes_back_in_xs_dtype_from_every_format(model_paths, kind):
         assert torch.equal(D64, D32.to(torch.float64))
     else:
         assert torch.allclose(D64, D32.to(torch.float64), rtol=1e-4, atol=1e-5)
+    # The wrappers around it keep the contract: FastDenoiser (every option off: the same D),
+    # CalibratedDenoiser with a table and with an OffsetNet, the samplers' counting wrapper.
+    table = calibration.CalibrationTable(sigma.sort().values, (1, 8, 8), meta={})
+    for k in range(3):
+        table.add(k, torch.full((1, 1, 8, 8), 0.1, dtype=torch.float64), torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+    wrappers = [precond.FastDenoiser(net), calibration.CalibratedDenoiser(net, table),
+                calibration.CalibratedDenoiser(net, calibration.OffsetNet((1, 8, 8))), samplers.CountedDenoiser(net)]
+    with torch.no_grad():
+        for wrapper in wrappers:
+            W64, W32 = wrapper(x, sigma, labels), wrapper(x.to(torch.float32), sigma, labels)
+            assert W64.dtype == torch.float64 and W32.dtype == torch.float32, type(wrapper).__name__
+        assert torch.equal(wrappers[0](x, sigma, labels), D64)
+        assert torch.allclose(wrappers[1](x, sigma, labels), D64 - 0.1, rtol=0, atol=1e-12)
 
 
 @pytest.fixture(scope='module')

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from orchestrator import results, runner, spec
-from tasks import calibration, checkpoints, data
+from tasks import calibration, checkpoints, data, schedules
 from tasks import train as tasks_train
 
 fashion_present = os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz'))
@@ -257,6 +257,9 @@ def test_reduced_quickstart_end_to_end_and_reuse(ray_cluster, tmp_path):
     assert set(results.PROVENANCE) <= set(sweep.columns)
     assert {'label', 'sampler', 'calibrated', 'params', 'nfe', 'fid', 'num_samples', 'weights_sha256', 'wall_time'} <= set(sweep.columns)
     assert sorted(sweep['nfe']) == [4, 4, 6, 6] and sweep['fid'].notna().all() and (sweep['num_samples'] == 6).all()
+    # What each trial walked: DPM-Solver's outer steps, and its grid's end (t_end = 1e-3 on the linear VP: steps <= 15).
+    assert sorted(sweep['distinct_steps']) == [4, 4, 6, 6]
+    assert sweep['sigma_end'].tolist() == pytest.approx([float(schedules.VPLinearNoiseSchedule().sigma(1e-3))] * 4, rel=1e-12)
     assert sweep['note'].str.contains('6 samples < 2048 feature dimensions').all()  # small-sample FID is labelled
     # KID and precision/recall need the reference stage's features, which it keeps when asked.
     assert sweep[['kid_mean', 'kid_std', 'precision', 'recall']].notna().all().all()

@@ -11,6 +11,7 @@ import collections
 import difflib
 import inspect
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -580,11 +581,12 @@ SAMPLERS = {'edm': edm_sampler, 'ablation': ablation_sampler, 'dpm_solver': dpm_
 # before anything samples: a setting outside it gives NaN or silently wrong images, never an error.
 
 def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+    """A real number (numpy's included, as the Python API may be given them), not NaN or a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and not math.isnan(v)
 
 
 def _integer(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 SETTING_DOMAINS = {

@@ -109,16 +109,17 @@ def test_resolution_must_fit_levels():
         precond.build_denoiser('ddpmpp-cifar10', 'edm', img_resolution=30, img_channels=3)
 
 
+@pytest.mark.parametrize('kernel', [1, 3])
 @pytest.mark.parametrize('direction', ['up', 'down'])
 @pytest.mark.parametrize('resample_filter', [[1, 1], [1, 3, 3, 1]])
-def test_fused_resampling_is_the_unfused_layer(direction, resample_filter):
+def test_fused_resampling_is_the_unfused_layer(direction, resample_filter, kernel):
     """NVlabs/edm #2: the fused up-sampling convolution gave 60x60 from 32x32. Fused and unfused
     layers with the same weights give the same shape in both directions. Up-sampling runs the same
     operations in the same order (resample, then convolve), so the values are equal for the [1, 1]
     filter and, for [1, 3, 3, 1], away from a 2-pixel border (the paddings differ there). Fused
     down-sampling convolves before it resamples (EDM's order), a different function: shape only."""
     torch.manual_seed(0)
-    kw = dict(kernel=3, resample_filter=resample_filter, **{direction: True})
+    kw = dict(kernel=kernel, resample_filter=resample_filter, **{direction: True})
     fused, plain = networks.Conv2d(64, 64, fused_resample=True, **kw), networks.Conv2d(64, 64, **kw)
     plain.load_state_dict(fused.state_dict())
     x = torch.randn(2, 64, 32, 32, dtype=torch.float64)
@@ -130,4 +131,4 @@ def test_fused_resampling_is_the_unfused_layer(direction, resample_filter):
         border = 0 if resample_filter == [1, 1] else 2
         inner = (slice(None), slice(None), slice(border, size - border), slice(border, size - border))
         assert torch.allclose(a[inner], b[inner], rtol=1e-10, atol=1e-12)
-        assert border == 0 or not torch.allclose(a, b)  # the border is where they differ
+        assert border == 0 or kernel == 1 or not torch.allclose(a, b)  # the border is where they differ

@@ -484,3 +484,12 @@ def test_generate_checks_the_samples_as_kept():
     net = _NaNBelow(0.0)
     with pytest.raises(samplers.NonFiniteSamples, match='are not finite'):
         samplers.generate(net, range(2), 'edm', num_steps=4, S_churn=10, S_noise=1e40)
+
+
+def test_numpy_numbers_are_settings_like_python_ones(gaussian):
+    """The Python API is often given numpy scalars (np.int64 step counts from a grid): accepted."""
+    latents = _latents(4)
+    a = samplers.edm_sampler(gaussian, latents, num_steps=np.int64(6), rho=np.float64(7))
+    assert torch.equal(a, samplers.edm_sampler(gaussian, latents, num_steps=6, rho=7.0))
+    with pytest.raises(ValueError, match=r'^num_steps: expected an integer >= 2 .*, got 6.0$'):
+        samplers.edm_sampler(gaussian, latents, num_steps=6.0)

@@ -218,7 +218,8 @@ def samples_sheet(sweep, storage, experiment, path, title=''):
     """samples.png: each trial's sample grid (the first images it measured; the same seeds in
     every trial), rows = snapshot and sampler setting, columns = uncalibrated and each calibration
     table, the metric under each. Made from sweep.parquet and the grids' PNGs alone; with more
-    than SHEET_ROWS settings, the SHEET_ROWS whose best cell is lowest."""
+    than SHEET_ROWS settings, the SHEET_ROWS whose best cell is lowest. A grid that is not in
+    the store (tables copied without their samples/) is a cell that says so, not an error."""
     import PIL.Image
     metric = metric_column(sweep)
     df = _with_labels(sweep[sweep['samples'].notna()])
@@ -241,8 +242,13 @@ def samples_sheet(sweep, storage, experiment, path, title=''):
             if not len(cell):
                 continue
             r = cell.iloc[0]
-            ax.imshow(np.array(PIL.Image.open(io.BytesIO(storage.read_bytes(f'{experiment}/{r["samples"]}')))),
-                      cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+            grid = f'{experiment}/{r["samples"]}'
+            if storage.exists(grid):
+                ax.imshow(np.array(PIL.Image.open(io.BytesIO(storage.read_bytes(grid)))),
+                          cmap='gray', vmin=0, vmax=255, interpolation='nearest')
+            else:  # e.g. tables copied without their samples/: the cell says so
+                ax.text(0.5, 0.5, f'sample grid missing:\n{r["samples"]}', ha='center', va='center', fontsize=7,
+                        transform=ax.transAxes)
             stopped = results.stopped(cell).iloc[0]
             value = f'{metric} {r[metric]:.2f}' if r[metric] == r[metric] else 'failed'
             head = ('uncalibrated' if calibration == 'no' else f'calibrated: {calibration}') + '\n' if i == 0 else ''

@@ -150,15 +150,22 @@ def test_results_and_lease_on_object_storage(s3_bucket, monkeypatch):
     assert 'taking over the lease' in said[0] and 'gone-host' in said[0]
 
 
-def test_cli_results_and_figures_read_the_bucket(s3_bucket, capsys):
-    """`orchestrator results` and `figures` on a bucket: the quickstart's committed tables,
-    uploaded as a run would have written them, list, print and render from there."""
+def test_cli_results_and_figures_read_the_bucket(s3_bucket, capsys, tmp_path):
+    """`orchestrator results` and `figures` on a bucket: a quickstart's tables (a copy in
+    tests/data: `make quickstart` rewrites results/quickstart), uploaded as a run would have
+    written them but without their sample grids, list, print and render from there; the sheet
+    says which grids are missing, and every figure is the one a local root gives."""
     from orchestrator import cli
-    quickstart = os.path.join(os.path.dirname(__file__), '..', 'results', 'quickstart')
-    root = s3_bucket + '/p'
+    quickstart = os.path.join(os.path.dirname(__file__), 'data', 'quickstart')
+    root, local = s3_bucket + '/p', str(tmp_path / 'local')
     storage = Storage(root)
+    sweep = pd.read_parquet(os.path.join(quickstart, 'sweep.parquet'))
+    sweep['samples'] = 'samples/' + sweep['trial_hash'] + '.png'  # as today's runs name their grids
+    sweep.to_parquet(tmp_path / 'sweep.parquet')
     for table in ('sweep', 'calibration', 'likelihood'):
-        storage.upload(os.path.join(quickstart, f'{table}.parquet'), f'quickstart/{table}.parquet')
+        source = str(tmp_path / 'sweep.parquet') if table == 'sweep' else os.path.join(quickstart, f'{table}.parquet')
+        storage.upload(source, f'quickstart/{table}.parquet')
+        Storage(local).upload(source, f'quickstart/{table}.parquet')
     assert cli.main(['results', '--results', root]) == 0
     assert capsys.readouterr().out.strip() == 'quickstart'
     assert cli.main(['results', 'quickstart', '--results', root, '--columns', 'label,fid']) == 0
@@ -171,5 +178,8 @@ def test_cli_results_and_figures_read_the_bucket(s3_bucket, capsys):
     out = capsys.readouterr().out
     assert f'wrote {root}/quickstart/training_progress.png' in out and f'wrote {root}/quickstart/sweep.md' in out
     assert storage.read_bytes('quickstart/training_progress.png')[:4] == b'\x89PNG'
-    with open(os.path.join(quickstart, 'training_progress.md')) as f:  # the same table as the committed one
-        assert storage.read_bytes('quickstart/training_progress.md').decode() == f.read()
+    assert storage.read_bytes('quickstart/samples.png')[:4] == b'\x89PNG'  # drawn, with its cells saying "missing"
+    assert cli.main(['figures', 'quickstart', '--results', local]) == 0
+    for name in ('training_progress.md', 'sweep.md'):  # the same tables as from a local root
+        with open(os.path.join(local, 'quickstart', name)) as f:
+            assert storage.read_bytes(f'quickstart/{name}').decode() == f.read()

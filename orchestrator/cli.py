@@ -1,6 +1,6 @@
 """orchestrator CLI: validate, schema, run, submit, logs, status, results, show, figures.
 
-    orchestrator validate specs/quickstart.yaml
+    orchestrator validate specs/quickstart.yaml [--results DIR or s3://...] [--address ...]
     orchestrator schema --out spec.schema.json
     orchestrator run specs/quickstart.yaml [--dry-run] [--verbose] [--address ray://HEAD:10001] [--results DIR or s3://...]
     orchestrator submit specs/quickstart.yaml --address http://HEAD:8265 [--wait]; orchestrator stop JOB --address ...
@@ -26,11 +26,11 @@ def _user_errors():
 
 
 def cmd_validate(args):
-    from orchestrator import plan
+    from orchestrator import checks, plan
     from orchestrator.storage import Storage
-    s = spec_mod.load(args.spec)
-    stages = {stage.name: stage for stage in plan.make_plan(s, Storage('results'))}  # the trial list as a run resolves it
-    plan.check_inputs(s)  # what a run checks before its first stage
+    storage = Storage(args.results)
+    s, _ = checks.check(args.spec, storage, args.address)  # what run and run --dry-run check first
+    stages = {stage.name: stage for stage in plan.make_plan(s, storage)}  # the trial list as a run resolves it
     trials = stages['sweep'].inputs['trials'] if 'sweep' in stages else []
     if trials is None:  # a search algorithm proposes them
         print(f'{args.spec}: valid; experiment {s.experiment!r}, spec hash {s.hash()}, sweep: {stages["sweep"].resources}')
@@ -53,14 +53,13 @@ def cmd_schema(args):
 
 def cmd_run(args):
     from orchestrator import runner
-    s = spec_mod.load(args.spec)
-    runner.run(s, results_root=args.results, address=args.address, dry_run=args.dry_run, verbose=args.verbose,
+    runner.run(args.spec, results_root=args.results, address=args.address, dry_run=args.dry_run, verbose=args.verbose,
                stall_timeout=args.stall_timeout)
 
 
 def cmd_submit(args):
     from orchestrator.submit import submit
-    spec_mod.load(args.spec)  # refuse a bad spec before shipping anything
+    spec_mod.load(args.spec)  # refuse a bad spec before shipping anything; its files are checked by the job's run
     code = submit(args.spec, args.address, args.results, args.python, wait=args.wait, stall_timeout=args.stall_timeout)
     return code if args.wait else 0
 
@@ -122,8 +121,12 @@ def cmd_figures(args):
 def build_parser():
     p = argparse.ArgumentParser(prog='orchestrator', description='Calibrated EDM experiments on Ray.')
     sub = p.add_subparsers(dest='command', required=True)
-    v = sub.add_parser('validate', help='check a spec file without running anything')
+    v = sub.add_parser('validate', help='check a spec file without running anything (the checks run and run --dry-run '
+                                         'make first; nothing starts Ray)')
     v.add_argument('spec')
+    v.add_argument('--results', default='results', help='results root the run would use (see run)')
+    v.add_argument('--address', default=None, help='the cluster the run would use (see run): decides what a tracking '
+                                                   'store on this disk may serve')
     v.set_defaults(fn=cmd_validate)
     sc = sub.add_parser('schema', help='print the JSON Schema of spec files (for editors: YAML completion and checks)')
     sc.add_argument('--out', default=None, help='write it to this file instead')

@@ -11,11 +11,10 @@ import os
 import socket
 import sys
 import time
-import uuid
 
-from orchestrator import figures, plan, results
+from orchestrator import checks, figures, plan, results
 from orchestrator.spec import SpecError, StageFailed, stable_hash
-from orchestrator.storage import Storage, StorageError
+from orchestrator.storage import Storage
 
 OBJECT_STORE_BYTES = 512 * 1024 ** 2
 # What a driver joining a cluster does not ship as its working_dir: results, environments, Git.
@@ -90,30 +89,6 @@ def _loopback_environment():
         constants.ENABLE_RAY_CLUSTER = constants.env_bool(constants.ENABLE_RAY_CLUSTERS_ENV_VAR, not constants.IS_WINDOWS_OR_OSX)
 
 
-def check_resources(spec, total, fixed_size, log=print):
-    """Compare what the spec asks of one training worker, calibration actor or sweep trial with
-    what the cluster has (`total`: ray.cluster_resources()). On a cluster that cannot grow (the
-    embedded one) a request it can never meet is refused, naming the field; on another cluster
-    (it may autoscale) the orchestrator says what it will wait for."""
-    asks = []
-    if not spec.model.checkpoint:
-        t = spec.train
-        asks += [('train.cpus_per_worker', 'CPU', t.cpus_per_worker, 'training worker'),
-                 ('train.use_gpu', 'GPU', 1 if t.use_gpu is True else 0, 'training worker')]
-    if spec.calibrate is not None:
-        asks += [('calibrate.cpus_per_actor', 'CPU', spec.calibrate.cpus_per_actor, 'calibration actor'),
-                 ('calibrate.gpus_per_actor', 'GPU', spec.calibrate.gpus_per_actor, 'calibration actor')]
-    if spec.sweep is not None:
-        asks += [(f'sweep.resources.{k}', k.upper(), v, 'sweep trial') for k, v in spec.sweep.resources.items()]
-    for field, kind, amount, unit in asks:
-        have = total.get(kind, 0)
-        if amount > have:
-            message = f'{field}: asks {amount:g} {kind} per {unit}, the cluster has {have:g} {kind} in all'
-            if fixed_size:
-                raise SpecError(f'{spec.path}: {message}; lower it, or run on a cluster that has them (--address)')
-            log(f'waiting for resources: {message} now; the run waits until the cluster provides them')
-
-
 def _no_errors(record):
     return record.levelno < 40  # logging.ERROR
 
@@ -146,58 +121,24 @@ def ray_log_file(path, verbose=False):
             h.removeFilter(_no_errors)
 
 
-def check_shared_storage(storage, timeout=120):
-    """On a cluster other than the embedded one, a file the driver writes under the results root
-    must be visible from every alive node (what Ray Train checks for its own storage, done here
-    before any stage): a StorageError line naming the root and the nodes that cannot see it."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    key, token = f'.probe/{uuid.uuid4().hex}', uuid.uuid4().hex.encode()
-    storage.write_bytes(key, token)
-    try:
-        nodes = [n for n in ray.nodes() if n['Alive']]
-        probes = [ray.remote(_sees).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n['NodeID'], soft=False))
-                  .remote(storage, key, token) for n in nodes]
-        seen = ray.get(probes, timeout=timeout)
-    finally:
-        storage.delete(key)
-    blind = [f'{n["NodeManagerAddress"]} ({n["NodeID"][:8]}: {why})' for n, why in zip(nodes, seen) if why]
-    if blind:
-        hint = ('use object storage (--results s3://bucket/prefix, gs://..., abfs://...) or a folder that every node '
-                'mounts at the same path (NFS)') if storage.is_local else 'check that every node has the store\'s credentials'
-        raise StorageError(f'{storage.root}: the results root is not shared: {len(blind)} of {len(nodes)} node(s) cannot see '
-                           f'a file the driver wrote there: {"; ".join(blind)}; {hint}')
-
-
-def _sees(storage, key, token):
-    """On one node (a Ray task): '' when the driver's probe file reads back, else why not."""
-    try:
-        return '' if storage.read_bytes(key) == token else 'other content'
-    except Exception as e:  # noqa: BLE001 (any failure is the answer)
-        return f'{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ""}'[:200]
-
-
 def run(spec, results_root='results', address=None, dry_run=False, log=print, verbose=False,
         stall_timeout=RunOptions.stall_timeout):
-    """Run (or, with dry_run, only print) the plan. results_root: a path or a storage URI
-    (orchestrator.storage). The terminal gets one line per stage, progress bars and the results
-    table; Ray's own log lines go to ray.log in each stage's folder (and to the terminal too with
-    verbose). Returns the stages."""
+    """Run (or, with dry_run, only print) the plan of a spec (a path or a loaded Spec).
+    results_root: a path or a storage URI (orchestrator.storage). Every check runs first, before
+    Ray starts (orchestrator.checks: the same as `validate` and `run --dry-run`). The terminal gets
+    one line per stage, progress bars and the results table; Ray's own log lines go to ray.log in
+    each stage's folder (and to the terminal too with verbose). Returns the stages."""
     storage = Storage(results_root)
-    storage.check()  # an unknown scheme, a missing bucket, an endpoint that does not answer: one line, now
+    spec, dataset = checks.check(spec, storage, address, log=log)  # the data, loaded once, when a stage reads them
     stages = plan.make_plan(spec, storage)
     log(f'experiment {spec.experiment} (spec {spec.hash()}) -> {storage.uri(spec.experiment)}')
     log(plan.describe(stages))
     if dry_run:
         return stages
-    embedded = not address and not os.environ.get('RAY_ADDRESS')
+    embedded = checks.is_embedded(address)
     init_ray(address, verbose=verbose)
-    import ray
-    if not embedded:
-        check_shared_storage(storage)
-    dataset = plan.check_inputs(spec, log=log)  # the data, loaded once, when a stage reads them
-    check_resources(spec, ray.cluster_resources(), fixed_size=embedded, log=log)
-    tracker = make_tracker(spec, embedded)
+    checks.check_cluster(spec, storage, embedded, log=log)
+    tracker = make_tracker(spec)
     with results.experiment_lease(storage, spec.experiment, log=log):  # nothing is written before the checks above
         record = results.RunRecord(storage, spec.experiment, spec.hash(), stages)
         try:
@@ -258,20 +199,16 @@ def _run_stages(spec, stages, storage, dataset, opts):
     return stages
 
 
-def make_tracker(spec, embedded):
-    """The MLflow tracker of report.mlflow (None without): refused, naming the field, when the
-    store is on this machine's disk and the cluster has other nodes, or mlflow is not installed."""
+def make_tracker(spec):
+    """The MLflow tracker of report.mlflow (None without), opened once the checks have passed
+    (checks.check_tracking: the store against the cluster, MLflow installed); a store MLflow
+    cannot open is one line, naming the field, before any stage."""
     m = spec.report.mlflow
     if m is None:
         return None
     from orchestrator import tracking
-    problem = tracking.check_tracking_uri(m['tracking_uri'], embedded)
-    if problem:
-        raise SpecError(f'{spec.path}: report.mlflow.tracking_uri: {problem}')
     try:
         return tracking.Tracker(m, spec.experiment)
-    except ImportError:
-        raise SpecError(f'{spec.path}: report.mlflow: needs MLflow: pip install \'.[mlflow]\' (mlflow-skinny)') from None
     except Exception as e:  # noqa: BLE001 (an unknown scheme, a server that refuses: one line, before any stage)
         first = (str(e).strip().splitlines() or [''])[0]
         raise SpecError(f'{spec.path}: report.mlflow.tracking_uri: cannot open {m["tracking_uri"]}: {type(e).__name__}: {first}') from None

@@ -1,10 +1,11 @@
 import os
 import re
+import sys
 
 import pytest
 import yaml
 
-from orchestrator import cli, plan, runner, spec
+from orchestrator import checks, cli, plan, runner, spec
 
 BASE = dict(experiment='t', data=dict(name='fashion-mnist', pad_to_32=True, resolution=16), model=dict(preset='ddpmpp-tiny'),
             train=dict(total_kimg=1, batch_size=16), calibrate=dict(images=32, chunk_size=16, actors=2),
@@ -231,10 +232,27 @@ def standin_files(tmp_path):
     return files
 
 
+@pytest.fixture(scope='module')
+def standin_cifar10(tmp_path_factory):
+    """A stand-in for the cifar-10-batches-py folder a user downloads: the real layout (python
+    pickles data_batch_1..5 and test_batch, 10,000 images each) with blank images, so that the
+    spec's image counts fit the data as they would the real one."""
+    import pickle
+    import numpy as np
+    root = tmp_path_factory.mktemp('downloads') / 'cifar-10-batches-py'
+    root.mkdir()
+    batch = {b'data': np.zeros((10000, 3072), np.uint8), b'labels': [i % 10 for i in range(10000)]}
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        with open(root / name, 'wb') as f:
+            pickle.dump(batch, f, protocol=4)
+    return str(root)
+
+
 @pytest.mark.parametrize('name', sorted(f for f in os.listdir('specs') if f.endswith('.yaml')))
-def test_shipped_specs_validate_and_plan(name, tmp_path, capsys):
-    """Every example in specs/ is a valid spec whose plan can be printed (no data needed); the
-    published files that the paper specs name are replaced by small stand-ins."""
+def test_shipped_specs_validate_and_plan(name, tmp_path, capsys, standin_cifar10):
+    """Every example in specs/ is a valid spec that passes every check of `run --dry-run` and whose
+    plan can be printed; the published files that the paper specs name (CIFAR-10's batches, EDM
+    snapshots, a diffusers DDPM, FID statistics) are replaced by small stand-ins."""
     with open(os.path.join('specs', name)) as f:
         raw = yaml.safe_load(f)
     model, evaluate = raw.get('model', {}), raw.get('evaluate', {})
@@ -247,9 +265,9 @@ def test_shipped_specs_validate_and_plan(name, tmp_path, capsys):
             model['checkpoint'] = files[fmt]
         if evaluate.get('reference_stats'):
             evaluate['reference_stats'] = files['stats']
-    if raw['data'].get('root'):  # the dataset a user downloads: an empty stand-in (validation checks it exists)
-        (tmp_path / 'data-root').mkdir()
-        raw['data']['root'] = str(tmp_path / 'data-root')
+    if raw['data'].get('root'):  # the dataset a user downloads
+        assert raw['data']['name'] == 'cifar10'
+        raw['data']['root'] = standin_cifar10
     s = spec.parse(raw, os.path.join('specs', name))
     assert s.experiment == name[:-len('.yaml')]
     stages = plan.make_plan(s, str(tmp_path))
@@ -474,15 +492,15 @@ def test_requests_the_cluster_cannot_meet_are_refused_naming_the_field():
     cpu_only = {'CPU': 2.0}
     with pytest.raises(spec.SpecError, match=r's.yaml: calibrate.gpus_per_actor: asks 0.5 GPU per calibration actor, '
                                              r'the cluster has 0 GPU in all'):
-        runner.check_resources(s, cpu_only, fixed_size=True)
+        checks.check_resources(s, cpu_only, fixed_size=True)
     messages = []
-    runner.check_resources(s, cpu_only, fixed_size=False, log=messages.append)
+    checks.check_resources(s, cpu_only, fixed_size=False, log=messages.append)
     assert [m.split(':')[1].strip() for m in messages] == ['calibrate.gpus_per_actor', 'sweep.resources.gpu']
     assert all(m.startswith('waiting for resources') for m in messages)
-    runner.check_resources(s, {'CPU': 2.0, 'GPU': 1.0}, fixed_size=True)  # fits
+    checks.check_resources(s, {'CPU': 2.0, 'GPU': 1.0}, fixed_size=True)  # fits
     big = spec.parse(_with(train__cpus_per_worker=4, train__use_gpu=True), 'b.yaml')
     with pytest.raises(spec.SpecError, match='train.cpus_per_worker: asks 4 CPU per training worker'):
-        runner.check_resources(big, cpu_only, fixed_size=True)
+        checks.check_resources(big, cpu_only, fixed_size=True)
 
 
 def test_one_run_per_experiment_at_a_time(tmp_path):
@@ -545,6 +563,19 @@ def _tiny_network(tmp_path, name, channels=3, resolution=16, cond=False):
 
 @pytest.mark.skipif(not os.path.isfile('/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'),
                     reason='Fashion-MNIST not installed in /usr/share/datasets/fashion-mnist')
+def _refused_alike(path, message, capsys, *options, results):
+    """`validate`, `run --dry-run` and `run` refuse the spec with the same one line (containing
+    `message`), exit 2, and none of them starts Ray (orchestrator.checks runs first in all three)."""
+    lines = []
+    for command in (['validate'], ['run', '--dry-run'], ['run']):
+        assert cli.main([*command, path, '--results', results, *options]) == 2, command
+        err = capsys.readouterr().err
+        assert message in err and err.count('\n') == 1, (command, message, err)
+        lines.append(err)
+    assert lines[0] == lines[1] == lines[2]
+    assert 'ray' not in sys.modules or not sys.modules['ray'].is_initialized()
+
+
 def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, capsys):
     """Every check that spans fields or files runs in `validate` (and in `run` before any stage):
     a sweep-only spec whose 3-channel model would be measured against 1-channel Fashion-MNIST,
@@ -584,11 +615,7 @@ def test_inputs_that_do_not_fit_each_other_are_refused_by_validate(tmp_path, cap
     for i, (raw, message) in enumerate(cases):
         path = _write(tmp_path, raw, f'case{i}.yaml')
         message = message.replace('{path}', path)
-        assert cli.main(['validate', path]) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count('\n') == 1, (message, err)
-        with pytest.raises(spec.SpecError, match=re.escape(message)):  # run: before any stage (and before Ray)
-            runner.run(spec.load(path), results_root=str(tmp_path / 'results'))
+        _refused_alike(path, message, capsys, results=str(tmp_path / 'results'))
     assert not (tmp_path / 'results').exists()
     import torch
     blob = torch.load(rgb, weights_only=True)

@@ -5,7 +5,7 @@ import os
 import pytest
 import yaml
 
-from orchestrator import runner, spec, tracking
+from orchestrator import checks, runner, spec, tracking
 from tasks import data
 
 mlflow = pytest.importorskip('mlflow', reason="MLflow is the optional extra '.[mlflow]' (make setup installs it)")
@@ -37,12 +37,20 @@ def test_a_store_on_this_disk_is_refused_on_a_cluster(tmp_path, uri):
     assert tracking.check_tracking_uri('https://mlflow.lab:5000', embedded=False) is None
     s = _spec(tmp_path, tracking_uri=uri)
     with pytest.raises(spec.SpecError, match=r'tracked.yaml: report.mlflow.tracking_uri: .* \(http\[s\]://HOST:PORT\)'):
-        runner.make_tracker(s, embedded=False)
+        checks.check_tracking(s, embedded=False)
+
+
+def test_validate_dry_run_and_run_refuse_a_local_store_for_a_cluster_alike(tmp_path, capsys):
+    """The tracking store is checked against --address by all three commands, before Ray starts."""
+    from test_spec import _refused_alike  # tests/ helper
+    s = _spec(tmp_path, tracking_uri='sqlite:///mlruns.db')
+    _refused_alike(s.path, "report.mlflow.tracking_uri: sqlite:///mlruns.db is a store on this machine's disk", capsys,
+                   '--address', 'ray://127.0.0.1:1', results=str(tmp_path / 'results'))
 
 
 def test_a_store_mlflow_cannot_open_is_one_line(tmp_path):
     with pytest.raises(spec.SpecError, match=r"tracked.yaml: report.mlflow.tracking_uri: cannot open bogus://x: .*unsupported URI 'bogus://x'"):
-        runner.make_tracker(_spec(tmp_path, tracking_uri='bogus://x'), embedded=True)
+        runner.make_tracker(_spec(tmp_path, tracking_uri="bogus://x"))
 
 
 @pytest.mark.parametrize('report, message', [

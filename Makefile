@@ -1,11 +1,15 @@
 # The two commands of the README. Each sets the machine up first (scripts/setup.sh).
-.PHONY: setup test quickstart
+.PHONY: setup test test-fast quickstart
 
 setup:
 	@bash scripts/setup.sh
 
 test: setup
 	.venv/bin/python -m pytest -q tests
+
+# No Ray, no subprocess, no real Inception, no training beyond a few steps (tests/conftest.py).
+test-fast: setup
+	.venv/bin/python -m pytest -q -m 'not ray and not slow' tests
 
 quickstart: setup
 	.venv/bin/orchestrator run specs/quickstart.yaml

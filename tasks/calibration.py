@@ -151,10 +151,21 @@ class CalibrationTable:
                 self.sum_r2.sum(0, keepdim=True), self.count.sum(0, keepdim=True))
 
     def offset(self, per_class=False):
-        """c_hat(sigma) = mean D - mean y, [G, K, *shape] (G = 1 unless per_class)."""
+        """c_hat(sigma) = mean D - mean y, [G, K, *shape] (G = 1 unless per_class); NaN (0/0) where a
+        grid sigma or class holds no image, which lookup and dsm_gap refuse to use (check_counts)."""
         sum_D, sum_y, _, n = self._pooled(per_class)
         n = n.to(torch.float64).reshape(*n.shape, *[1] * len(self.shape))
         return (sum_D - sum_y) / n
+
+    def check_counts(self, k=None, per_class=False):
+        """CalibrationError when grid point(s) k (all by default) hold no image: their term is 0/0."""
+        n = self._pooled(per_class)[3]
+        empty = (n == 0).any(0) if k is None else torch.zeros(len(self.sigmas), dtype=torch.bool).index_fill_(
+            0, torch.as_tensor(k).reshape(-1), True) & (n == 0).any(0)
+        if empty.any():
+            raise CalibrationError(f'the table holds no image at sigma {float(self.sigmas[empty][0]):g}'
+                                   + (' for some class' if per_class and self.num_classes else '')
+                                   + f' (of {self.meta.get("image_count", 0)} images in all): its term would be 0/0')
 
     def standard_error(self, per_class=False):
         """Monte Carlo standard error of c_hat per pixel: std(D - y) / sqrt(n)."""
@@ -208,8 +219,11 @@ class CalibrationTable:
             hi = torch.searchsorted(grid, ls).clamp(1, len(grid) - 1)
             w = ((ls - grid[hi - 1]) / (grid[hi] - grid[hi - 1])).reshape(1, -1, *[1] * len(self.shape))
             values = c[:, hi - 1] * (1 - w) + c[:, hi] * w
+            self.check_counts(torch.cat([hi - 1, hi]), per_class)
         else:
-            values = c[:, self.index_of(s, context)]
+            k = self.index_of(s, context)
+            self.check_counts(k, per_class)
+            values = c[:, k]
         if per_class:
             return values[g, torch.arange(len(g)) if values.shape[1] > 1 else torch.zeros_like(g)]
         return values[0]
@@ -288,6 +302,11 @@ def estimate_table(net, images, sigmas, labels=None, num_classes=0, chunk_size=1
         raise ValueError(f'the model is conditional ({label_dim} classes): calibration needs the images\' labels')
     images = samplers_mod.check_images(images, shape=_image_shape(net))
     sigmas = check_sigmas(sigmas, scalar_ok=True)
+    lo, hi = getattr(net, 'sigma_min', 0), getattr(net, 'sigma_max', math.inf)
+    outside = (sigmas < lo * (1 - 1e-9)) | (sigmas > hi * (1 + 1e-9))  # (a grid's rounding is not "outside")
+    if outside.any():
+        raise ValueError(f'sigmas: {float(sigmas[outside][0]):g} lies outside the model\'s [{lo:g}, {hi:g}], where it was '
+                         'never trained (no sampler asks for it there)')
     labels = samplers_mod.check_class_labels(labels, len(images), label_dim or None, one_hot=False, name='labels')
     images_f = data_mod.as_model_range(images)
     shape = tuple(images_f.shape[1:])
@@ -416,12 +435,14 @@ def dsm_gap(table):
     with the Monte Carlo standard error of each (`noise_se`, `data_se`) by the delta method:
     se(||c||^2) = 2 sqrt(sum_i c_i^2 se(c_i)^2), and `noise_floor`: what the estimate of
     ||E eps||^2 averages to when E eps = 0, sum_i se(c_i)^2 / sigma^2 (its upward bias)."""
+    table.check_counts()
     c, se = table.offset()[0].flatten(1), table.standard_error()[0].flatten(1)
     c2, c2_se = c.square().sum(1), 2 * (c.square() * se.square()).sum(1).sqrt()
-    bad = ~torch.isfinite(c2 / table.sigmas ** 2)  # (the SE of one image is NaN: unknown, not an overflow)
+    # Overflow is refused; the SE of one image is NaN (unknown), which is what it says.
+    bad = ~torch.isfinite(c2 / table.sigmas ** 2) | torch.isinf(c2_se / table.sigmas ** 2)
     if bad.any():
-        raise CalibrationError(f'||E eps||^2 is not finite at sigma {float(table.sigmas[bad][0]):g} (the offsets overflow '
-                               'when squared): no row is made of it')
+        raise CalibrationError(f'||E eps||^2 or its standard error is not finite at sigma {float(table.sigmas[bad][0]):g} '
+                               '(the offsets overflow when squared): no row is made of it')
     return dict(noise=c2 / table.sigmas ** 2, data=c2, noise_se=c2_se / table.sigmas ** 2, data_se=c2_se,
                 noise_floor=se.square().sum(1) / table.sigmas ** 2)
 
@@ -455,10 +476,12 @@ def likelihood_gain(table):
     weights[1:] += gaps / 2
     gap = dsm_gap(table)
     nats = float((weights * gap['noise'][order]).sum())
-    if not math.isfinite(nats):
-        raise CalibrationError(f'the likelihood gain is not finite ({nats}): the terms overflow when integrated')
+    se = float((weights.square() * gap['noise_se'][order].square()).sum().sqrt())
+    if not math.isfinite(nats) or math.isinf(se):
+        raise CalibrationError(f'the likelihood gain ({nats:g} +- {se:g} nats) is not finite: the terms overflow when '
+                               'integrated')
     return dict(nats=nats,
-                se=float((weights.square() * gap['noise_se'][order].square()).sum().sqrt()),
+                se=se,
                 noise_floor=float((weights * gap['noise_floor'][order]).sum()), grid_points=len(ln_sigma))
 
 

@@ -306,6 +306,11 @@ def _diffusers_scheduler(diffusers, scheduler_file):
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f'{scheduler_file}: cannot build {class_name} from it ({_first_line(e)})') from None
     N = scheduler.config.num_train_timesteps
+    bad = ~((scheduler.betas >= 0) & (scheduler.betas <= 1))  # NaN too
+    if bad.any():
+        n = int(bad.nonzero()[0])
+        raise CheckpointError(f'{scheduler_file}: betas: expected values in [0, 1], got {float(scheduler.betas[n])!r} at step {n}'
+                              + (' (trained_betas)' if config.get('trained_betas') is not None else ''))
     if len(scheduler.alphas_cumprod) != N:
         raise CheckpointError(f'{scheduler_file}: trained_betas has {len(scheduler.alphas_cumprod)} values but '
                               f'num_train_timesteps = {N}')

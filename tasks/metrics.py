@@ -269,6 +269,15 @@ class FeatureStats:
 # ---------------------------------------------------------------------------------------------
 # Metrics.
 
+def _float32_features(features, what):
+    """Features as torch-fidelity's KID and precision/recall compute with them: float32, finite, and
+    with finite squared norms (their distances and kernels square them: 1e30 is finite, its
+    square is not, and precision/recall would come out as 0 and 1)."""
+    f = _finite(features.to(torch.float32), what)
+    _finite(f.square().sum(1), f'{what} (squared norms in float32)')
+    return f
+
+
 def _finite(value, what):
     """`value` (a number or tensor, as it is kept: after its last cast), or one MetricsError line
     when any of it is NaN or infinite."""
@@ -300,8 +309,8 @@ def kernel_inception_distance(features_1, features_2, subsets=100, subset_size=1
     n = min(len(features_1), len(features_2))
     if n < subset_size:
         raise MetricsError(f'KID subset_size {subset_size} exceeds the smaller sample set ({n}); lower subset_size')
-    out = kid_features_to_metric(_finite(features_1.to(torch.float32), 'KID features'),
-                                 _finite(features_2.to(torch.float32), 'KID reference features'), kid_subsets=subsets,
+    out = kid_features_to_metric(_float32_features(features_1, 'KID features'),
+                                 _float32_features(features_2, 'KID reference features'), kid_subsets=subsets,
                                  kid_subset_size=subset_size, rng_seed=seed, verbose=False)
     return {k: _finite(float(out[key]), k) for k, key in (('kid_mean', KEY_METRIC_KID_MEAN), ('kid_std', KEY_METRIC_KID_STD))}
 
@@ -311,8 +320,8 @@ def improved_precision_recall(features_generated, features_real, neighborhood=3)
     from torch_fidelity.metric_prc import KEY_METRIC_F_SCORE, KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
     if min(len(features_generated), len(features_real)) <= neighborhood:
         raise MetricsError(f'precision/recall with k={neighborhood} needs more than {neighborhood} samples per set')
-    out = prc_features_to_metric(_finite(features_generated.to(torch.float32), 'precision/recall features'),
-                                 _finite(features_real.to(torch.float32), 'precision/recall reference features'),
+    out = prc_features_to_metric(_float32_features(features_generated, 'precision/recall features'),
+                                 _float32_features(features_real, 'precision/recall reference features'),
                                  prc_neighborhood=neighborhood, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
     return {k: _finite(float(out[key]), k) for k, key in (('precision', KEY_METRIC_PRECISION), ('recall', KEY_METRIC_RECALL),
                                                            ('f_score', KEY_METRIC_F_SCORE))}
@@ -404,14 +413,16 @@ def sample_statistics(net, seeds, extractor, sampler='edm', batch_size=64, devic
     class_labels = samplers_mod.check_class_labels(sampler_kwargs.pop('class_labels', None), len(seeds),
                                                    samplers_mod.label_dim_of(net))
     stats, nfe = FeatureStats(dim=getattr(extractor, 'dim', FEATURES), keep_features=keep_features), None
-    for start in range(0, len(seeds), batch_size):
-        batch_labels = None if class_labels is None else class_labels[start:start + batch_size]
-        images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
-                                            device=device, class_labels=batch_labels, **sampler_kwargs)
-        images = data_mod.to_uint8(images)
-        if on_images is not None:
-            on_images(images)
-        stats.add(extractor(images))
+    settings = {k: v for k, v in sampler_kwargs.items() if k != 'class_idx'}  # (class_idx: generate's own)
+    with samplers_mod.checked_once(sampler, net, **settings):  # a clamp is said once, not once per batch
+        for start in range(0, len(seeds), batch_size):
+            batch_labels = None if class_labels is None else class_labels[start:start + batch_size]
+            images, nfe = samplers_mod.generate(net, seeds[start:start + batch_size], sampler, batch_size=batch_size,
+                                                device=device, class_labels=batch_labels, **sampler_kwargs)
+            images = data_mod.to_uint8(images)
+            if on_images is not None:
+                on_images(images)
+            stats.add(extractor(images))
     return stats, nfe
 
 
@@ -436,21 +447,23 @@ def evaluate(net, reference, extractor, num_images, sampler='edm', seed_blocks=1
     if first_block is not None and (first_block[0].n != num_images or (kid or precision_recall) and first_block[0].features is None):
         raise MetricsError(f'the measured first seed block holds {first_block[0].n} images'
                            f'{"" if first_block[0].features is not None else " without features"}; expected {num_images}')
-    for b in range(seed_blocks):
-        if b == 0 and first_block is not None:
-            stats, nfe = first_block
-        else:
-            stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
-                                           device, keep_features=(kid or precision_recall) and b == 0, **sampler_kwargs)
-        values.append(frechet_distance(*stats.statistics(), reference['mu'], reference['sigma']))
-        if b == 0 and (kid or precision_recall):
-            if 'features' not in reference:
-                raise MetricsError('KID and precision/recall need reference features: reference_statistics(keep_features=True)')
-            generated = stats.all_features()
-            if kid:
-                extra.update(kernel_inception_distance(generated, reference['features'], subset_size=min(kid_subset_size, num_images)))
-            if precision_recall:
-                extra.update(improved_precision_recall(generated, reference['features']))
+    settings = {k: v for k, v in sampler_kwargs.items() if k not in ('class_idx', 'class_labels')}
+    with samplers_mod.checked_once(sampler, net, **settings):  # a clamp is said once, not once per seed block
+        for b in range(seed_blocks):
+            if b == 0 and first_block is not None:
+                stats, nfe = first_block
+            else:
+                stats, nfe = sample_statistics(net, range(b * num_images, (b + 1) * num_images), extractor, sampler, batch_size,
+                                               device, keep_features=(kid or precision_recall) and b == 0, **sampler_kwargs)
+            values.append(frechet_distance(*stats.statistics(), reference['mu'], reference['sigma']))
+            if b == 0 and (kid or precision_recall):
+                if 'features' not in reference:
+                    raise MetricsError('KID and precision/recall need reference features: reference_statistics(keep_features=True)')
+                generated = stats.all_features()
+                if kid:
+                    extra.update(kernel_inception_distance(generated, reference['features'], subset_size=min(kid_subset_size, num_images)))
+                if precision_recall:
+                    extra.update(improved_precision_recall(generated, reference['features']))
     result = {key: min(values), f'{key}_mean': float(np.mean(values)), f'{key}_blocks': values,
               'num_samples': num_images, 'seed_blocks': seed_blocks, 'nfe': nfe, 'reference_count': reference['count'],
               **extractor.provenance, **extra}

@@ -107,6 +107,14 @@ class iDDPMPrecond(Precond):
         self.sigma_min = float(self.u[M - 1])
         self.sigma_max = float(self.u[0])
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to(dtype), .half(), .double() convert the network, never the levels u_j: they stay the
+        float32 values EDM computes (bf16 would move them; round_sigma compares in float32)."""
+        u = self.u
+        super()._apply(fn, *args, **kwargs)
+        self.u = u.to(self.u.device)  # the float32 levels, moved only
+        return self
+
     def coefficients(self, sigma):
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
         return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise

@@ -8,6 +8,7 @@ the whole batch). Per-image seeds: draw latents and noise with StackedRandomGene
 image depends only on its own seed, never on the batch it was computed in.
 """
 import collections
+import contextlib
 import difflib
 import inspect
 import math
@@ -148,7 +149,11 @@ class StackedRandomGenerator:
 
 
 class CountedDenoiser:
-    """Wraps a denoiser and counts its evaluations (and optionally records the sigmas asked)."""
+    """Wraps a denoiser and counts its evaluations (and optionally records the sigmas asked). Every
+    sampler evaluates through it, and it keeps every sigma in the model's [sigma_min, sigma_max]:
+    after the entry checks and the grid functions a sigma can leave it only by rounding (EDM
+    Eq. 5's end lands an ulp below sigma_min; sigma(sigma^-1(s)) != s), which would give a
+    discrete model a time input an ulp below its first step. The clamp is a no-op inside."""
 
     def __init__(self, net, record_sigmas=False):
         self.net, self.nfe, self.sigmas = net, 0, [] if record_sigmas else None
@@ -159,6 +164,7 @@ class CountedDenoiser:
 
     def __call__(self, x, sigma, class_labels=None):
         self.nfe += 1
+        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).clamp(self.sigma_min, self.sigma_max)
         if self.sigmas is not None:
             s = torch.as_tensor(sigma, dtype=torch.float64)
             self.sigmas.append(float(s) if s.numel() == 1 else s.tolist())
@@ -614,7 +620,7 @@ SETTING_DOMAINS = {
     'skip_type': (lambda v: v in schedules.DPM_SKIP_TYPES, 'one of ' + ', '.join(schedules.DPM_SKIP_TYPES)),
     't_start': (lambda v: v is None or _number(v) and 0 < v <= 1, 'a number in (0, 1]'),
     't_end': (lambda v: v is None or _number(v) and 0 < v < 1, 'a number in (0, 1)'),
-    'denoise_to_zero': (lambda v: isinstance(v, bool), 'true or false'),
+    'denoise_to_zero': (lambda v: isinstance(v, (bool, np.bool_)), 'true or false'),
 }
 
 
@@ -641,6 +647,8 @@ def check_settings(sampler, **settings):
             defaulted = any(get(name) == inspect.signature(get_sampler(sampler)).parameters[name].default
                             for name in ('sigma_min', 'sigma_max'))
             raise ValueError(f'sigma_min: {lo:g} is not below sigma_max = {hi:g}' + (' (the default)' if defaulted else ''))
+        if sampler == 'edm' or get('discretization') == 'edm':
+            check_eq5(get('num_steps'), lo, hi, get('rho'))
         if not get('S_min') <= get('S_max'):
             raise ValueError(f'S_min: {get("S_min"):g} is above S_max = {get("S_max"):g}')
     if sampler == 'dpm_solver':
@@ -662,7 +670,8 @@ def sigma_range(sampler, **settings):
         ns = get('noise_schedule') or schedules.VPLinearNoiseSchedule()
         t_end = ns.default_t_end(get('steps')) if get('t_end') is None else get('t_end')
         t_start = ns.T if get('t_start') is None else get('t_start')
-        return float(ns.sigma(t_end)), float(ns.sigma(t_start))
+        first = float(ns.t_array[0]) if hasattr(ns, 't_array') else 0.0  # a discrete schedule's first level, 1/N
+        return float(ns.sigma(t_end)) if t_end >= first else 0.0, float(ns.sigma(t_start))  # 0: below every level
     lo, hi = get('sigma_min'), get('sigma_max')
     if sampler == 'ablation' and (lo is None or hi is None):
         default_min, default_max = ablation_sigma_range(get('discretization'), get('epsilon_s'))
@@ -680,7 +689,44 @@ def clamped_sigma_range(sampler, net, **settings):
     if not used[0] < used[1]:
         raise ValueError(f'sigma range [{lo:g}, {hi:g}] lies outside the model\'s [{net.sigma_min:g}, '
                          f'{net.sigma_max:g}]: nothing is left to sample after clamping')
+    if sampler == 'ablation':
+        check_ablation_grid(*used, **settings)
     return None if used == (lo, hi) else ((lo, hi), used)
+
+
+def check_eq5(num_steps, sigma_min, sigma_max, rho):
+    """EDM Eq. 5 must be computable in floating point: sigma^(1/rho) overflows for a rho near 0,
+    and for a huge rho the grid's ends drift away from [sigma_min, sigma_max] (rho = 1e15 starts
+    at 84.85 for 80; 1e17 collapses to one level at 1). ValueError naming rho."""
+    try:
+        grid = schedules.edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    except OverflowError:
+        raise ValueError(f'rho: {rho:g} puts EDM Eq. 5 out of floating-point range for sigma in [{sigma_min:g}, '
+                         f'{sigma_max:g}] (sigma^(1/rho) overflows)') from None
+    ends = (float(grid[-1]), float(grid[0]))
+    if not all(math.isfinite(e) and abs(e / want - 1) <= 1e-9 for e, want in zip(ends, (sigma_min, sigma_max))):
+        raise ValueError(f'rho: {rho:g} makes EDM Eq. 5 inexact in floating point: the grid for [{sigma_min:g}, '
+                         f'{sigma_max:g}] comes out as [{ends[0]:g}, {ends[1]:g}]')
+
+
+def check_ablation_grid(lo, hi, discretization='edm', schedule='linear', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000,
+                        **_):
+    """The ablation sampler's grid on the range it samples [lo, hi] (after clamping): the VP
+    sigma(t) fitted to it (sigma(epsilon_s) = lo, sigma(1) = hi) must increase on [epsilon_s, 1]
+    (a tiny epsilon_s with a clamped range gives beta_d < 0 and sigmas far above sigma_max), and
+    the iddpm discretization needs a level u_j inside. ValueError naming the setting."""
+    if 'vp' in (discretization, schedule):
+        vp = GenerateVPSchedule.from_sigma_range(lo, hi, epsilon_s)
+        slopes = (vp.beta_d * epsilon_s + vp.beta_min, vp.beta_d + vp.beta_min)  # d/dt of 0.5 beta_d t^2 + beta_min t
+        if not all(math.isfinite(v) and v > 0 for v in slopes):
+            raise ValueError(f'epsilon_s: {epsilon_s:g}: the VP sigma(t) fitted to sigma in [{lo:g}, {hi:g}] '
+                             f'(sigma(epsilon_s) = {lo:g}, sigma(1) = {hi:g}) is not increasing on [epsilon_s, 1] '
+                             f'(beta_d = {vp.beta_d:g}, beta_min = {vp.beta_min:g}); raise epsilon_s or sigma_min')
+    if discretization == 'iddpm':
+        u = schedules.iddpm_u(M, C_1, C_2)
+        if not ((u >= lo) & (u <= hi)).any():
+            raise ValueError(f'discretization: iddpm: no level u_j of M = {M}, C_1 = {C_1:g}, C_2 = {C_2:g} lies in '
+                             f'[{lo:g}, {hi:g}]; widen the sigma range')
 
 
 def clamping_note(sampler, net, clamped):
@@ -696,6 +742,8 @@ class SigmaRangeClamped(UserWarning):
 
 # Arguments every sampler takes first (EDM's generate.py); everything after them is a setting.
 COMMON_ARGUMENTS = ('net', 'latents', 'class_labels', 'randn_like', 'return_nfe')
+# Settings that take a Python object, not a value a spec can hold: accepted, never listed as valid.
+OBJECT_SETTINGS = ('noise_schedule',)
 
 
 def setting_names(sampler):
@@ -709,9 +757,9 @@ def check_entry(sampler, net, **settings):
     (check_settings), and the run's sigma range against the model's (clamped_sigma_range). A
     refusal is a ValueError with the text `orchestrator validate` prints after its field path; a
     range partly outside the model's is clamped, with one SigmaRangeClamped warning."""
-    valid = setting_names(sampler)
+    valid = [name for name in setting_names(sampler) if name not in OBJECT_SETTINGS]  # the spec's keys
     for name in settings:
-        if name not in valid:
+        if name not in valid and name not in OBJECT_SETTINGS:
             close = difflib.get_close_matches(name, valid, n=1)
             raise ValueError(f'{name}: not a parameter of {sampler}{f" (did you mean {close[0]!r}?)" if close else ""}; '
                              f'valid: {", ".join(sorted(valid))}')
@@ -719,6 +767,17 @@ def check_entry(sampler, net, **settings):
     clamped = clamped_sigma_range(sampler, net, **settings)
     if clamped:
         warnings.warn(clamping_note(sampler, net, clamped), SigmaRangeClamped, stacklevel=3)
+
+
+@contextlib.contextmanager
+def checked_once(sampler, net, **settings):
+    """check_entry once, then silence its clamping warning for the repeated calls inside (batches,
+    seed blocks), so that a call of generate, metrics.sample_statistics or metrics.evaluate says a
+    clamp once."""
+    check_entry(sampler, net, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', SigmaRangeClamped)
+        yield
 
 
 def step_summary(sampler, net, **settings):

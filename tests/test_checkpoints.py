@@ -445,3 +445,14 @@ def test_generate_draws_labels_from_each_seed():
     assert fixed.argmax(1).eq(7).all()
     with pytest.raises(ValueError, match='out of range'):
         samplers.generate(net, range(2), 'edm', num_steps=2, class_idx=10)
+
+
+def test_diffusers_betas_outside_0_1_are_refused_naming_betas(tmp_path):
+    """trained_betas with a beta above 1 (or below 0) was refused as 'alphas_cumprod ... at step 49'."""
+    diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
+    betas = np.linspace(1e-4, 0.02, 50)
+    betas[-1] = 1.5
+    path = _diffusers_dir(tmp_path, diffusers.DDPMScheduler(num_train_timesteps=50, trained_betas=betas))
+    with pytest.raises(checkpoints.CheckpointError, match=r'scheduler_config.json: betas: expected values in \[0, 1\], got '
+                                                          r'1.5 at step 49 \(trained_betas\)$'):
+        checkpoints.load_denoiser(path)

@@ -92,14 +92,14 @@ def test_converted_weights_reproduce_torchscript_features(real_weights):
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_INCEPTION), reason='../shared/device/inception is not beside this checkout')
 @needs_fid_helper
-def test_converted_weights_equal_shared_conversion(real_weights, tmp_path):
+def test_converted_weights_equal_shared_conversion(inception_weights_file, tmp_path):
     parts = sorted(p for p in os.listdir(SHARED_INCEPTION) if '.part' in p)
     with open(tmp_path / 'shared.pth', 'wb') as out:
         for p in parts:
             with open(os.path.join(SHARED_INCEPTION, p), 'rb') as f:
                 out.write(f.read())
     shared = torch.load(tmp_path / 'shared.pth', weights_only=True)
-    ours = torch.load(real_weights.path, weights_only=True)
+    ours = torch.load(inception_weights_file.path, weights_only=True)
     assert set(shared) == set(ours)
     for k in shared:
         assert torch.equal(shared[k], ours[k]), k
@@ -289,4 +289,6 @@ def test_features_and_statistics_are_checked_as_kept(random_state_dict):
         metrics.kernel_inception_distance(fake * 1e300, real, subsets=2, subset_size=10)
     with pytest.raises(metrics.MetricsError, match=r'^precision/recall features: not finite'):
         metrics.improved_precision_recall(fake * 1e300, real)
+    with pytest.raises(metrics.MetricsError, match=r'^precision/recall features \(squared norms in float32\): not finite'):
+        metrics.improved_precision_recall(fake * 1e30, real)  # finite in float32, its squared distances are not (0 and 1 came out)
     assert set(metrics.kernel_inception_distance(fake, real, subsets=2, subset_size=10)) == {'kid_mean', 'kid_std'}

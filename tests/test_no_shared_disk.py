@@ -116,7 +116,7 @@ def _calibration_table(root):
     return calibration.CalibrationTable.load(fetch(storage.uri(key)))
 
 
-def test_reduced_spec_on_a_cluster_without_shared_disk(s3_bucket, tmp_path):
+def test_reduced_spec_on_a_cluster_without_shared_disk(s3_bucket, tmp_path, ray_subprocess):
     hidden = tmp_path / 'driver'  # the driver's disk: spec, local results root, cache
     hidden.mkdir()
     spec = hidden / 'isolated.yaml'

@@ -423,7 +423,7 @@ def test_impossible_requests_stop_before_any_stage(ray_cluster, tmp_path):
 
 @needs_fashion
 @pytest.mark.parametrize('stage', ['train', 'calibrate', 'sweep'])
-def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage):
+def test_ctrl_c_stops_the_run_cleanly_in_any_stage(tmp_path, stage, ray_subprocess):
     """Ctrl-C (SIGINT to the terminal's process group: the driver and every Ray process it
     started) during training, calibration or the sweep: the run stops within seconds with exit
     status 130 and one line, no traceback, no Ray process left, the stage not marked done and the

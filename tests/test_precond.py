@@ -143,3 +143,17 @@ def test_fast_denoiser_options_keep_D():
         assert 0 < err <= 2e-2 * float(F_scale)
     fast = precond.FastDenoiser(net, bf16=True)
     assert (fast.sigma_min, fast.sigma_max, fast.img_resolution) == (net.sigma_min, net.sigma_max, 16)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_iddpm_levels_stay_float32_when_the_network_changes_dtype(dtype):
+    """.to(dtype) converts the network, never the levels u_j (EDM's float32 values: bf16 would move
+    them, and round_sigma's float32 comparison failed against float64 levels)."""
+    net = precond.iDDPMPrecond(img_resolution=8, img_channels=1, model_channels=8, channel_mult=[1], num_blocks=1,
+                               attn_resolutions=[], dropout=0.0)
+    u = net.u.clone()
+    net = net.to(dtype)
+    assert net.u.dtype == torch.float32 and torch.equal(net.u, u)
+    with torch.no_grad():
+        D = net(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([1.0, 5.0], dtype=torch.float64))
+    assert D.dtype == torch.float64 and torch.isfinite(D).all()

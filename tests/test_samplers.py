@@ -493,3 +493,64 @@ def test_numpy_numbers_are_settings_like_python_ones(gaussian):
     assert torch.equal(a, samplers.edm_sampler(gaussian, latents, num_steps=6, rho=7.0))
     with pytest.raises(ValueError, match=r'^num_steps: expected an integer >= 2 .*, got 6.0$'):
         samplers.edm_sampler(gaussian, latents, num_steps=6.0)
+
+
+# Inputs of the same kinds, found by trying to break the first fixes: each is one line now.
+MORE_BAD_SETTINGS = [
+    ('edm', dict(rho=0.001), r'^rho: 0.001 puts EDM Eq. 5 out of floating-point range for sigma in \[0.002, 80\] '
+                             r'\(sigma\^\(1/rho\) overflows\)$'),
+    ('edm', dict(rho=1e15), r'^rho: 1e\+15 makes EDM Eq. 5 inexact in floating point: the grid for \[0.002, 80\] comes out '
+                            r'as \[0.00199\d*, 84.8\d*\]$'),
+    ('ablation', dict(discretization='iddpm', sigma_min=10, sigma_max=10.0001),
+     r'^discretization: iddpm: no level u_j of M = 1000, C_1 = 0.001, C_2 = 0.008 lies in \[10, 10.0001\]; widen'),
+    ('ablation', dict(discretization='vp', epsilon_s=1e-6, num_steps=6),
+     r'^epsilon_s: 1e-06: the VP sigma\(t\) fitted to sigma in \[0.01, 80\] .* is not increasing on \[epsilon_s, 1\]'),
+]
+
+
+@pytest.mark.parametrize('sampler,settings,match', MORE_BAD_SETTINGS)
+def test_settings_whose_grid_cannot_be_computed_are_refused(sampler, settings, match):
+    """rho near 0 overflowed EDM Eq. 5 (a bare OverflowError), a huge rho moved its ends, an empty
+    iddpm level set raised IndexError, and a VP schedule fitted to a clamped range with a tiny
+    epsilon_s decreased (sigmas 6000x above sigma_max). A model with sigma in [0.01, 80]."""
+    net = _OnLevels(types_namespace(sigma_min=0.01, sigma_max=80), _NaNBelow(0.0))
+    net.img_channels, net.img_resolution = 1, 4
+    for call in (lambda: samplers.generate(net, [0], sampler, **settings),
+                 lambda: samplers.get_sampler(sampler)(net, _latents(1, 16).reshape(1, 1, 4, 4), **settings)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert net.asked == []
+
+
+def test_dpm_solver_on_a_discrete_schedule_with_t_end_below_its_first_level(gaussian):
+    """t_end below 1/N has no sigma on a discrete schedule (the reference extrapolates to NaN; the
+    message said 'sigma range [nan, ...]'): the grid ends at the first level, said once."""
+    from tasks import schedules
+    ns = schedules.VPDiscreteNoiseSchedule.ddpm_linear()
+    ddpm = precond.VPModelDenoiser(lambda x_t, t, labels: torch.zeros_like(x_t), ns)
+    net = _OnLevels(ddpm, gaussian)
+    with pytest.warns(samplers.SigmaRangeClamped, match=r"dpm_solver sigma range \[0, 157.\d+\] reaches outside the model's "
+                                                        r"\[0.0100\d*, 157.\d+\]: sampled on \[0.0100\d*, 157.\d+\]"):
+        x = samplers.dpm_solver_sampler(net, _latents(2), steps=10, noise_schedule=ns, t_end=1e-4)
+    asked = torch.cat(net.asked)
+    assert torch.isfinite(x).all() and float(asked.min()) >= ddpm.sigma_min and float(asked.max()) <= ddpm.sigma_max
+    assert samplers.step_summary('dpm_solver', ddpm, steps=10, noise_schedule=ns, t_end=1e-4)['sigma_end'] == \
+        pytest.approx(ddpm.sigma_min, rel=1e-12)
+
+
+@pytest.mark.parametrize('sampler,settings', [
+    ('edm', dict(num_steps=7)), ('edm', dict(num_steps=7, S_churn=40)),
+    ('ablation', dict(num_steps=7, schedule='vp')), ('ablation', dict(num_steps=7, schedule='ve', scaling='vp')),
+    ('ablation', dict(num_steps=7, discretization='vp', S_churn=40)), ('dpm_solver', dict(steps=7, order=3))])
+def test_no_sigma_leaves_the_models_range_even_by_rounding(gaussian, sampler, settings):
+    """EDM Eq. 5 lands an ulp below sigma_min and sigma(sigma^-1(s)) != s: every sampler evaluates
+    through CountedDenoiser, which keeps the sigmas in [sigma_min, sigma_max] (a discrete model
+    got a time input of +6.5e-16 steps below its first)."""
+    from tasks import schedules
+    ns = schedules.VPDiscreteNoiseSchedule.ddpm_linear()
+    ddpm = precond.VPModelDenoiser(lambda x_t, t, labels: torch.zeros_like(x_t), ns)
+    net = _OnLevels(ddpm, gaussian)
+    wide = {} if sampler == 'dpm_solver' else dict(sigma_min=ddpm.sigma_min, sigma_max=ddpm.sigma_max)
+    samplers.get_sampler(sampler)(net, _latents(2), **dict(wide, **settings))
+    asked = torch.cat(net.asked)
+    assert float(asked.min()) >= ddpm.sigma_min and float(asked.max()) <= ddpm.sigma_max

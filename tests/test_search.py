@@ -313,7 +313,7 @@ def _orchestrator(*args):
 
 @needs_fashion
 @pytest.mark.ray
-def test_a_killed_search_reuses_every_finished_rung(tmp_path):
+def test_a_killed_search_reuses_every_finished_rung(tmp_path, ray_subprocess):
     """The driver and its cluster SIGKILLed once a trial has kept a rung: the re-run samples only
     what no earlier run measured (each trial's images beyond its kept rungs), its kept rung records
     land unchanged in rungs.parquet (the same seconds: not measured again), and every row is

@@ -99,7 +99,7 @@ def test_inputs_are_hashed_by_content_and_uploaded_once_to_object_storage(s3_buc
     assert input_sha256(ref) == sha  # a URI input is hashed by its content too
 
 
-def test_bad_roots_are_one_line_each(s3_server, tmp_path):
+def test_bad_roots_are_one_line_each(s3_server, tmp_path, cli_subprocess):
     """An unknown scheme, a bucket that does not exist, an endpoint that does not answer: one line
     each, from `orchestrator run` before any stage, and from `results`."""
     spec = os.path.join(os.path.dirname(__file__), 'specs', 'tiny-train.yaml')
@@ -112,8 +112,7 @@ def test_bad_roots_are_one_line_each(s3_server, tmp_path):
             env['AWS_ENDPOINT_URL'] = 'http://127.0.0.1:1'  # nothing listens there
         for command in (['run', spec, '--results', root], ['results', '--results', root]):
             started = time.time()
-            out = subprocess.run([sys.executable, '-m', 'orchestrator', *command], capture_output=True, text=True, env=env,
-                                 timeout=120)
+            out = cli_subprocess(*command, env=env, timeout=120)
             assert out.returncode == 2 and message in out.stderr, (command, out.stderr[-2000:])
             assert out.stderr.count('\n') == 1 and 'Traceback' not in out.stderr and '== train' not in out.stdout
             assert time.time() - started < 60

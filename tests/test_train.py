@@ -32,14 +32,14 @@ def test_lr_and_ema_schedules():
     assert train.ema_beta(64, 1000, 0.5, None) == pytest.approx(0.5 ** (64 / 500))
 
 
-def test_small_preset_trains_and_loss_falls(tmp_path):
+def test_small_preset_trains_and_loss_falls(tmp_path, train_run):
     ds = _toy_dataset()
     config = train.TrainConfig(preset='ddpmpp-tiny', batch_size=32, total_kimg=2.5, lr=2e-3, lr_rampup_kimg=0.2,
                                ema_halflife_kimg=0.2, kimg_per_tick=0.5, seed=1)
     torch.manual_seed(1)
     untrained = train.build_network(config, (1, 16), 0).eval()
     val = data.to_model_range(ds.images[:64])
-    log = train.train(config, ds, str(tmp_path), progress=False)
+    log = train_run(config, ds, str(tmp_path), progress=False)
     trained = checkpoints.load_denoiser(str(tmp_path / train.NETWORK))
     before, after = _fixed_noise_loss(untrained, val), _fixed_noise_loss(trained, val)
     assert after < 0.6 * before, (before, after)
@@ -48,15 +48,15 @@ def test_small_preset_trains_and_loss_falls(tmp_path):
     assert trained.train_config == config
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, train_run):
     """Stopping after a checkpoint and resuming gives the very same weights, EMA and optimizer
     state as an uninterrupted run (data order, noise and dropout RNG states are restored)."""
     ds = _toy_dataset(64)
     kw = dict(preset='ddpmpp-tiny', batch_size=16, lr=1e-3, kimg_per_tick=0.064, checkpoint_ticks=2, hflip=True,
               network_overrides=dict(dropout=0.1), seed=3)
-    train.train(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'straight'), progress=False)
-    train.train(train.TrainConfig(total_kimg=0.128, **kw), ds, str(tmp_path / 'resumed'), progress=False)
-    train.train(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'resumed'), progress=False)
+    train_run(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'straight'), progress=False)
+    train_run(train.TrainConfig(total_kimg=0.128, **kw), ds, str(tmp_path / 'resumed'), progress=False)
+    train_run(train.TrainConfig(total_kimg=0.256, **kw), ds, str(tmp_path / 'resumed'), progress=False)
     a = torch.load(tmp_path / 'straight' / train.CHECKPOINT, weights_only=True)
     b = torch.load(tmp_path / 'resumed' / train.CHECKPOINT, weights_only=True)
     assert a['cur_nimg'] == b['cur_nimg'] == 256
@@ -66,19 +66,19 @@ def test_resume_continues_exactly(tmp_path):
     assert [r['loss'] for r in a['log']] == [r['loss'] for r in b['log']]
 
 
-def test_snapshot_is_the_network_of_a_run_that_stops_there(tmp_path):
+def test_snapshot_is_the_network_of_a_run_that_stops_there(tmp_path, train_run):
     """train.snapshots_kimg keeps the EMA at the first step reaching each point: bit for bit the
     network a run with total_kimg at that point ends with (the lr ramp, EMA and data order depend
     on images seen, never on total_kimg), off tick boundaries too."""
     ds = _toy_dataset(64)
     kw = dict(preset='ddpmpp-tiny', batch_size=16, lr=1e-3, lr_rampup_kimg=0.1, ema_halflife_kimg=0.05,
               kimg_per_tick=0.064, seed=5)
-    train.train(train.TrainConfig(total_kimg=0.192, snapshots_kimg=[0.1, 0.192, 0.04], **kw), ds, str(tmp_path / 'long'),
+    train_run(train.TrainConfig(total_kimg=0.192, snapshots_kimg=[0.1, 0.192, 0.04], **kw), ds, str(tmp_path / 'long'),
                 progress=False)
     assert sorted(p.name for p in (tmp_path / 'long').glob('network*.pt')) == ['network-0.04kimg.pt', 'network-0.1kimg.pt',
                                                                               train.NETWORK]
     for kimg, nimg in ((0.04, 48), (0.1, 112)):  # the first multiples of 16 at or past 40 and 100
-        train.train(train.TrainConfig(total_kimg=kimg, **kw), ds, str(tmp_path / f'short-{kimg}'), progress=False)
+        train_run(train.TrainConfig(total_kimg=kimg, **kw), ds, str(tmp_path / f'short-{kimg}'), progress=False)
         a = torch.load(tmp_path / 'long' / train.snapshot_name(kimg), weights_only=True)
         b = torch.load(tmp_path / f'short-{kimg}' / train.NETWORK, weights_only=True)
         assert a['cur_nimg'] == b['cur_nimg'] == nimg

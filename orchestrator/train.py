@@ -82,6 +82,15 @@ class ProgressBoard:
         return self.error
 
 
+def on_driver_node(actor_class):
+    """The actor class pinned to the driver's node: a helper of the driver's must not live on a
+    worker node the cluster may lose (the run would end with the node, not retry; a multi-node test
+    saw it when the board landed on the removed node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                                  soft=False))
+
+
 def _train_worker(config):
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -221,7 +230,7 @@ def run_train_stage(stage, upstream, dataset, opts):
     workers = stage.inputs['workers']
     use_gpu = ray.cluster_resources().get('GPU', 0) >= workers if o['use_gpu'] == 'auto' else o['use_gpu']
     recording = config.recording_table and stage_input(storage, config.recording_table, stage.inputs['config']['recording_table'])
-    board = ProgressBoard.remote()
+    board = on_driver_node(ProgressBoard).remote()
     # MLflow (report.mlflow): rank 0 logs every tick to the stage's run, which the driver finds by its tags.
     mlflow = opts.tracker and dict(opts.tracker.train_setup(), tags=dict(stage='train', stage_hash=stage.hash))
     loop_config = dict(dataset=ray.put(dataset), train=dict(dataclasses.asdict(config), recording_table=recording),

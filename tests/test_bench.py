@@ -4,10 +4,6 @@ is what bf16 and memory layout can cause, no more."""
 import importlib.util
 import os
 
-import pytest
-
-from tasks import metrics
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,11 +14,8 @@ def _load(name):
     return module
 
 
-def test_gpu_throughput_smoke_on_cpu(tmp_path):
-    try:
-        metrics.resolve_inception_weights()
-    except metrics.MetricsError as e:
-        pytest.skip(f'no Inception weights here: {e}')
+def test_gpu_throughput_smoke_on_cpu(tmp_path, real_weights):
+    """(real_weights: the benchmark times the real Inception network, so the test is `slow`.)"""
     out = tmp_path / 'bench.json'
     result = _load('gpu_throughput').main(['--smoke', '--device', 'cpu', '--out', str(out)])
     rows = {(r['path'], r['variant']): r for r in result['rows']}

@@ -106,7 +106,8 @@ def test_converted_weights_equal_shared_conversion(inception_weights_file, tmp_p
 
 
 @needs_fid_helper
-def test_weights_come_from_cache_second_time_and_never_from_network(tmp_path, monkeypatch):
+def test_weights_come_from_cache_second_time_and_never_from_network(tmp_path, monkeypatch, real_weights):
+    """(Converts and runs the real FID network again, in a cache of its own: `slow` through real_weights.)"""
     def refuse(*args, **kwargs):
         raise AssertionError('network access attempted')
     monkeypatch.setattr(socket.socket, 'connect', refuse)

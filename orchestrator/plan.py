@@ -7,7 +7,9 @@ hashes of the stages it reads, so changing the training config re-runs everythin
 while changing the sweep reuses training and calibration. Finished stages hold a DONE.json under
 <results root>/<experiment>/stages/<stage>-<hash>/ (orchestrator.storage: a path or a URI).
 """
+import functools
 import inspect
+import json
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -77,7 +79,16 @@ def data_inputs(data_spec):
 
 
 def load_data(inputs, root, **changes):
-    """The dataset of data_inputs' (inputs, root), fetched to this node when root is a URI."""
+    """The dataset of data_inputs' (inputs, root), fetched to this node when root is a URI. Decoded
+    once per process for the same content (inputs hold the root's sha256) and options, the last two
+    kept: validate, run --dry-run and run in one process (a notebook, the tests) decode it once.
+    Nothing changes a dataset in place."""
+    return _decoded(json.dumps([inputs, root, changes], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded(key):
+    inputs, root, changes = json.loads(key)
     kwargs = dict({k: v for k, v in inputs.items() if k != 'sha256'}, **changes)
     return data_mod.load_dataset(root=fetch(root, inputs['sha256']) if root else None, **kwargs)
 

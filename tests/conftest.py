@@ -6,7 +6,7 @@ markers from them (FIXTURE_MARKERS), so the markers always say what a test uses.
              (ray_subprocess)
   multinode  uses the multi-node test cluster
   slow       real Inception features (real_weights), the CLI in its own process (cli_subprocess),
-             training beyond a few steps (train_run), or any of the Ray kinds
+             training beyond a few steps (train_run, offset_net_fit), or any of the Ray kinds
 
 `make test-fast` runs -m 'not ray and not slow'. The markers are enforced: a test without `ray`
 fails if Ray was initialised in the pytest process, or a raylet appeared on this machine, while it
@@ -68,6 +68,7 @@ FIXTURE_MARKERS = {
     'cli_subprocess': ('slow',),
     'real_weights': ('slow',),
     'train_run': ('slow',),
+    'offset_net_fit': ('slow',),
 }
 
 
@@ -138,6 +139,13 @@ def cli_subprocess():
         return subprocess.run([sys.executable, '-m', 'orchestrator', *args], cwd=root, env=env, capture_output=True,
                               text=True, timeout=timeout)
     return run
+
+
+@pytest.fixture
+def offset_net_fit():
+    """tasks.calibration.fit_offset_net, for tests that train h_phi to convergence (`slow`)."""
+    from tasks import calibration
+    return calibration.fit_offset_net
 
 
 @pytest.fixture

@@ -318,14 +318,14 @@ def test_generated_data_calibration(gmm):
     assert table.meta['source'] == 'generated' and table.meta['image_count'] == 32
 
 
-def test_dynamic_recording_post_hoc_converges_to_table(gmm):
+def test_dynamic_recording_post_hoc_converges_to_table(gmm, offset_net_fit):
     """h_phi trained post hoc on a frozen biased oracle approaches the table's c(sigma)."""
     net = Biased(gmm)
     y = gmm.sample(8000, generator=torch.Generator().manual_seed(7)).to(torch.float32)
     grid = torch.logspace(-1.5, 1, 8, dtype=torch.float64)
     table = calibration.estimate_table(net, y, grid, chunk_size=2000, seed=1)
     torch.manual_seed(0)
-    h = calibration.fit_offset_net(net, y, steps=1500, batch_size=256, lr=3e-3, seed=0)
+    h = offset_net_fit(net, y, steps=1500, batch_size=256, lr=3e-3, seed=0)
     mse, scale = calibration.offset_mse(h, table), float(table.offset().square().mean())
     assert mse < 0.05 * scale, (mse, scale)
     cal = calibration.CalibratedDenoiser(net, h)  # usable in place of a table

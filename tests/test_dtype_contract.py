@@ -120,15 +120,17 @@ def extractor(random_state_dict):
 @pytest.mark.parametrize('sampler', list(SAMPLERS))
 @pytest.mark.parametrize('kind', MODELS)
 def test_every_format_samples_with_every_sampler(model_paths, kind, sampler, extractor):
-    """generate and metrics.sample_statistics (the sweep's path) on a loaded model: float32 images
-    of the model's shape, the sampler's NFE, features from a random Inception network."""
+    """generate on a loaded model: float32 images of the model's shape and the sampler's NFE; and
+    once per model (the Inception network on CPU is the cost), metrics.sample_statistics, the
+    sweep's path, with features from a random Inception network."""
     net = _load(model_paths, kind)
     settings = SAMPLERS[sampler]
     images, nfe = samplers.generate(net, [0, 1], sampler, **settings)
     assert images.dtype == torch.float32 and images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
     assert nfe == {'edm': 5, 'ablation': 5, 'dpm_solver': 4}[sampler]
-    stats, nfe_again = metrics.sample_statistics(net, [0, 1], extractor, sampler, batch_size=2, **settings)
-    assert stats.n == 2 and nfe_again == nfe
+    if sampler == 'dpm_solver':
+        stats, nfe_again = metrics.sample_statistics(net, [0, 1], extractor, sampler, batch_size=2, **settings)
+        assert stats.n == 2 and nfe_again == nfe
 
 
 @pytest.mark.parametrize('kind', MODELS)

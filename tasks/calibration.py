@@ -159,11 +159,13 @@ class CalibrationTable:
 
     def check_counts(self, k=None, per_class=False):
         """CalibrationError when grid point(s) k (all by default) hold no image: their term is 0/0."""
-        n = self._pooled(per_class)[3]
-        empty = (n == 0).any(0) if k is None else torch.zeros(len(self.sigmas), dtype=torch.bool).index_fill_(
-            0, torch.as_tensor(k).reshape(-1), True) & (n == 0).any(0)
+        n = self.count if per_class else self.count.sum(0, keepdim=True)  # the counts alone: a lookup's hot path
+        empty, sigmas = (n == 0).any(0), self.sigmas
+        if k is not None:
+            k = torch.as_tensor(k).reshape(-1)
+            empty, sigmas = empty[k], sigmas[k]
         if empty.any():
-            raise CalibrationError(f'the table holds no image at sigma {float(self.sigmas[empty][0]):g}'
+            raise CalibrationError(f'the table holds no image at sigma {float(sigmas[empty][0]):g}'
                                    + (' for some class' if per_class and self.num_classes else '')
                                    + f' (of {self.meta.get("image_count", 0)} images in all): its term would be 0/0')
 

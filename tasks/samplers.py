@@ -470,7 +470,7 @@ def dpm_solver_sampler(net, latents, class_labels=None, steps=20, order=3, metho
                 denoise_to_zero=denoise_to_zero)
     class_labels = check_class_labels(class_labels, len(latents), label_dim_of(net))
     noise_schedule, t_outer, orders, r = dpm_solver_grid(net, steps, order, method, skip_type, noise_schedule, t_start, t_end)
-    sigma_outer = noise_schedule.sigma(t_outer).clamp(net.sigma_min, net.sigma_max)  # t_of_sigma(sigma) round trips to 1 ulp
+    sigma_outer = noise_schedule.sigma(t_outer)  # an ulp outside the model's range at most: CountedDenoiser clamps
     net = CountedDenoiser(net)
     data_pred = algorithm_type == 'dpmsolver++'
 
@@ -751,22 +751,24 @@ def setting_names(sampler):
     return [name for name in inspect.signature(get_sampler(sampler)).parameters if name not in COMMON_ARGUMENTS]
 
 
-def check_entry(sampler, net, **settings):
+def check_entry(sampler, net, stacklevel=3, **settings):
     """The entry check of every public sampler function (generate and each sampler), before any
     work: every setting a setting of this sampler, in its domain and consistent with the others
     (check_settings), and the run's sigma range against the model's (clamped_sigma_range). A
     refusal is a ValueError with the text `orchestrator validate` prints after its field path; a
-    range partly outside the model's is clamped, with one SigmaRangeClamped warning."""
-    valid = [name for name in setting_names(sampler) if name not in OBJECT_SETTINGS]  # the spec's keys
+    range partly outside the model's is clamped, with one SigmaRangeClamped warning (attributed to
+    the line `stacklevel` frames up: the caller of the public function)."""
+    names = setting_names(sampler)
+    valid = [name for name in names if name not in OBJECT_SETTINGS]  # the spec's keys
     for name in settings:
-        if name not in valid and name not in OBJECT_SETTINGS:
+        if name not in names:
             close = difflib.get_close_matches(name, valid, n=1)
             raise ValueError(f'{name}: not a parameter of {sampler}{f" (did you mean {close[0]!r}?)" if close else ""}; '
                              f'valid: {", ".join(sorted(valid))}')
     check_settings(sampler, **settings)
     clamped = clamped_sigma_range(sampler, net, **settings)
     if clamped:
-        warnings.warn(clamping_note(sampler, net, clamped), SigmaRangeClamped, stacklevel=3)
+        warnings.warn(clamping_note(sampler, net, clamped), SigmaRangeClamped, stacklevel=stacklevel)
 
 
 @contextlib.contextmanager
@@ -774,7 +776,7 @@ def checked_once(sampler, net, **settings):
     """check_entry once, then silence its clamping warning for the repeated calls inside (batches,
     seed blocks), so that a call of generate, metrics.sample_statistics or metrics.evaluate says a
     clamp once."""
-    check_entry(sampler, net, **settings)
+    check_entry(sampler, net, stacklevel=5, **settings)  # past this generator and contextlib: the public caller
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', SigmaRangeClamped)
         yield
@@ -836,49 +838,48 @@ def generate(net, seeds, sampler='edm', class_labels=None, class_idx=None, batch
     class_labels: None, N = len(seeds) class indices or an [N, label_dim] one-hot tensor
     (check_class_labels); class_idx: one integer class for every image, not with class_labels."""
     sampler_fn = get_sampler(sampler)
-    check_entry(sampler, net, **sampler_kwargs)
-    shape = [net.img_channels, net.img_resolution, net.img_resolution]
-    label_dim = getattr(net, 'label_dim', 0)
-    seeds = check_seeds(seeds)
-    class_labels = check_class_labels(class_labels, len(seeds), label_dim_of(net))
-    if class_idx is not None and class_labels is not None:
-        raise ValueError('class_idx: give class_labels or class_idx, not both')
-    if class_idx is not None and (isinstance(class_idx, (bool, np.bool_)) or not isinstance(class_idx, (int, np.integer))):
-        raise ValueError(f'class_idx: expected an integer class index, got {class_idx!r}')
-    if class_idx is not None and not 0 <= class_idx < label_dim:
-        raise ValueError(f'class {class_idx} is out of range: the model has {label_dim} classes')
-    out, out_labels, nfe = [], [], 0
-    for start in range(0, len(seeds), batch_size):
-        batch_seeds = seeds[start:start + batch_size]
-        rnd = StackedRandomGenerator(device, batch_seeds)
-        latents = rnd.randn([len(batch_seeds), *shape], device=device)
-        labels = None
-        if class_labels is not None:
-            labels = class_labels[start:start + batch_size].to(device)
-        elif label_dim:
-            labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(batch_seeds)], device=device)]
-            if class_idx is not None:
-                labels[:, :] = 0
-                labels[:, class_idx] = 1
-        kwargs = dict(sampler_kwargs)
-        if sampler != 'dpm_solver':
-            kwargs['randn_like'] = rnd.randn_like
-        watched = _FirstNonFinite(net)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter('ignore', SigmaRangeClamped)  # said once above, not once per batch
-            images, nfe = sampler_fn(watched, latents, labels, return_nfe=True, **kwargs)
-        images = images.to(torch.float32)  # checked as kept: a float64 1e300 is a float32 inf
-        finite = torch.isfinite(images).flatten(1).all(1)
-        if not finite.all():
-            at = float(watched.sigma) if watched.sigma is not None and not watched.sigma.isnan() else None
-            settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs.items())
-            raise NonFiniteSamples(
-                f'{int((~finite).sum())} of the {len(batch_seeds)} samples of seeds {batch_seeds[0]}..{batch_seeds[-1]} are '
-                f'not finite ({sampler}{" " + settings if settings else ""}); '
-                + (f'the denoiser first returned non-finite values at sigma {at:g}' if at is not None else
-                   "the denoiser's outputs were finite: the sampler's own arithmetic made them"))
-        out.append(images.cpu())
-        out_labels.append(None if labels is None else labels.cpu())
+    with checked_once(sampler, net, **sampler_kwargs):  # a clamp is said once, not by each batch's sampler call
+        shape = [net.img_channels, net.img_resolution, net.img_resolution]
+        label_dim = getattr(net, 'label_dim', 0)
+        seeds = check_seeds(seeds)
+        class_labels = check_class_labels(class_labels, len(seeds), label_dim_of(net))
+        if class_idx is not None and class_labels is not None:
+            raise ValueError('class_idx: give class_labels or class_idx, not both')
+        if class_idx is not None and (isinstance(class_idx, (bool, np.bool_)) or not isinstance(class_idx, (int, np.integer))):
+            raise ValueError(f'class_idx: expected an integer class index, got {class_idx!r}')
+        if class_idx is not None and not 0 <= class_idx < label_dim:
+            raise ValueError(f'class {class_idx} is out of range: the model has {label_dim} classes')
+        out, out_labels, nfe = [], [], 0
+        for start in range(0, len(seeds), batch_size):
+            batch_seeds = seeds[start:start + batch_size]
+            rnd = StackedRandomGenerator(device, batch_seeds)
+            latents = rnd.randn([len(batch_seeds), *shape], device=device)
+            labels = None
+            if class_labels is not None:
+                labels = class_labels[start:start + batch_size].to(device)
+            elif label_dim:
+                labels = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(batch_seeds)], device=device)]
+                if class_idx is not None:
+                    labels[:, :] = 0
+                    labels[:, class_idx] = 1
+            kwargs = dict(sampler_kwargs)
+            if sampler != 'dpm_solver':
+                kwargs['randn_like'] = rnd.randn_like
+            watched = _FirstNonFinite(net)
+            with torch.no_grad():
+                images, nfe = sampler_fn(watched, latents, labels, return_nfe=True, **kwargs)
+            images = images.to(torch.float32)  # checked as kept: a float64 1e300 is a float32 inf
+            finite = torch.isfinite(images).flatten(1).all(1)
+            if not finite.all():
+                at = float(watched.sigma) if watched.sigma is not None and not watched.sigma.isnan() else None
+                settings = ' '.join(f'{k}={v}' for k, v in sampler_kwargs.items())
+                raise NonFiniteSamples(
+                    f'{int((~finite).sum())} of the {len(batch_seeds)} samples of seeds {batch_seeds[0]}..{batch_seeds[-1]} are '
+                    f'not finite ({sampler}{" " + settings if settings else ""}); '
+                    + (f'the denoiser first returned non-finite values at sigma {at:g}' if at is not None else
+                       "the denoiser's outputs were finite: the sampler's own arithmetic made them"))
+            out.append(images.cpu())
+            out_labels.append(None if labels is None else labels.cpu())
     images = torch.cat(out)
     if return_labels:
         return images, nfe, None if out_labels[0] is None else torch.cat(out_labels)

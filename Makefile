@@ -7,9 +7,10 @@ setup:
 test: setup
 	.venv/bin/python -m pytest -q tests
 
-# No Ray, no subprocess, no real Inception, no training beyond a few steps (tests/conftest.py).
+# No Ray, no subprocess, no real Inception, no training beyond a few steps (tests/conftest.py): small
+# CPU-bound tests, spread over one pytest worker per core (pytest-xdist), each with one torch thread.
 test-fast: setup
-	.venv/bin/python -m pytest -q -m 'not ray and not slow' tests
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n auto -m 'not ray and not slow' tests
 
 quickstart: setup
 	.venv/bin/orchestrator run specs/quickstart.yaml

@@ -138,8 +138,17 @@ def grow(net, reference, extractor, trial, ctx, records, stats, report, save, de
             report(record, new)
     result = metrics.evaluate(net, reference, extractor, e['num_images'], trial['sampler'], seed_blocks=e['seed_blocks'],
                               batch_size=e['batch_size'], device=device, kid=e['kid'], precision_recall=e['precision_recall'],
-                              first_block=(stats, nfe), **kwargs)
+                              first_block=(stats, nfe, records[-1][name]), **kwargs)
     return result, new + (e['seed_blocks'] - 1) * e['num_images'], torch.cat(kept)
+
+
+@functools.lru_cache(maxsize=1)
+def _extractor(weights, device, batch_size):
+    """The Inception network of a worker process, built once: Tune hands a finished trial's worker
+    to the next trial (reuse_actors), which then skips a process start, the imports and seconds
+    of building the network. weights: (URI, sha256) or None (the cached conversion)."""
+    return metrics.InceptionFeatures(metrics.resolve_inception_weights(weights and fetch(*weights)), device=device,
+                                     batch_size=batch_size)
 
 
 def _trial(config, ctx):
@@ -155,8 +164,7 @@ def _trial(config, ctx):
     net = checkpoints.load_denoiser(fetch(model['network'], model.get('sha256')), model['format']).to(device)
     warnings.simplefilter('ignore', samplers.SigmaRangeClamped)  # the driver said it once, before the sweep
     walk = samplers.step_summary(trial['sampler'], net, **sampler_kwargs(trial))
-    weights = metrics.resolve_inception_weights(ctx['inception_weights'] and fetch(*ctx['inception_weights']))
-    extractor = metrics.InceptionFeatures(weights, device=device, batch_size=ctx['batch_size'])
+    extractor = _extractor(ctx['inception_weights'], device, ctx['batch_size'])
     reference = ray.get(ctx['reference'])
     try:
         if trial['calibrated']:
@@ -377,7 +385,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
         callbacks += [tracked] if tracked else []
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, ctx=context), {k: v for k, v in resources.items() if v}),
-            param_space=param_space, tune_config=tune.TuneConfig(**tune_config),
+            param_space=param_space, tune_config=tune.TuneConfig(reuse_actors=True, **tune_config),
             # Tune's own tables only with verbose; each trial's output goes to files in its folder.
             run_config=tune.RunConfig(name=f'sweep-{time.strftime("%Y%m%d-%H%M%S")}', verbose=1 if verbose else 0,
                                       storage_path=storage_path, log_to_file=True,

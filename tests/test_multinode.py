@@ -1,6 +1,6 @@
-"""A reduced spec end to end on Ray's multi-node test cluster (conftest.multinode_cluster):
-training, calibration actors and sweep trials spread over two worker nodes, the driver in its
-own process connected with --address, as a user's would be."""
+"""Ray's multi-node test cluster (conftest.multinode_cluster): worker nodes lost during training,
+calibration and the sweep, the driver in its own process connected with --address, as a user's
+would be. (A reduced spec across two worker nodes end to end: test_no_shared_disk.py.)"""
 import os
 import re
 import subprocess
@@ -17,40 +17,6 @@ from tasks import calibration, data
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fashion = pytest.mark.skipif(not os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, 'train-images-idx3-ubyte.gz')),
                                    reason=f'Fashion-MNIST not installed in {data.FASHION_MNIST_DIR}')
-
-SPEC = dict(
-    experiment='multinode', seed=0,
-    data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=256),
-    model=dict(preset='ddpmpp-tiny'),
-    train=dict(total_kimg=0.064, batch_size=16, kimg_per_tick=0.032, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
-    calibrate=dict(images=32, chunk_size=8, actors=2, batch_size=16),
-    sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=4)], calibrated=[False, True]),
-    evaluate=dict(num_images=4, reference_images=8, batch_size=8),
-)
-
-
-@needs_fashion
-def test_reduced_spec_across_two_worker_nodes(multinode_cluster, tmp_path):
-    spec_path, root = tmp_path / 'multinode.yaml', tmp_path / 'results'
-    spec_path.write_text(yaml.safe_dump(SPEC))
-    # The head has no CPUs: whatever ran, ran on the two worker nodes.
-    assert sum(1 for n in multinode_cluster.list_all_nodes() if n is not multinode_cluster.head_node) == 2
-    env = dict(os.environ, RAY_ADDRESS='')  # the driver connects to the given address only
-    proc = subprocess.run([sys.executable, '-m', 'orchestrator', 'run', str(spec_path), '--address', multinode_cluster.address,
-                           '--results', str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sweep = results.read_table(str(root), 'multinode', 'sweep')
-    assert len(sweep) == 2 and sweep['fid'].notna().all()
-    # The table two actors on two nodes computed is the single-process estimate over the same images.
-    cal = results.read_table(str(root), 'multinode', 'calibration')
-    assert (cal['images'] == 32).all()
-    table_path = next(p for p in (root / 'multinode' / 'stages').glob('calibrate-*/*/table-data-32.pt'))
-    table = calibration.CalibrationTable.load(str(table_path))
-    ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=32)
-    expected_sum_y = data.to_model_range(ds.images).to(torch.float64).sum(0)
-    assert table.chunks == set(range(4)) and torch.allclose(table.sum_y[0, 0], expected_sum_y, rtol=1e-12, atol=1e-9)
-    assert 'Traceback' not in proc.stderr
-
 
 def test_embedded_cluster_never_joins_another_one(multinode_cluster):
     """With another Ray cluster on the machine (the one `ray start` or this fixture leaves as the
@@ -135,7 +101,7 @@ def test_lost_node_during_calibration_gives_the_identical_table(multinode_cluste
     cannot progress: it says so after --stall-timeout and exits non-zero."""
     cluster = multinode_cluster
     raw = dict(experiment='lost', seed=0, data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=512),
-               model=dict(checkpoint=_tiny_model(tmp_path)), calibrate=dict(images=320, chunk_size=8, actors=2, batch_size=16))
+               model=dict(checkpoint=_tiny_model(tmp_path)), calibrate=dict(images=160, chunk_size=8, actors=2, batch_size=16))
     try:
         rc, out = _finish(_start(cluster, raw, tmp_path, 'undisturbed'))
         assert rc == 0, out[-3000:]
@@ -148,7 +114,7 @@ def test_lost_node_during_calibration_gives_the_identical_table(multinode_cluste
         assert rc == 0, out[-3000:]
         assert 'was lost' in out and 'Traceback' not in out, out[-3000:]
         a, b = _table(tmp_path / 'undisturbed', 'lost'), _table(tmp_path / 'disturbed', 'lost')
-        assert a.chunks == b.chunks == set(range(40))
+        assert a.chunks == b.chunks == set(range(20))
         for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         print(f'lost node: calibration finished {time.time() - started:.1f} s after the run started')
@@ -178,7 +144,7 @@ def test_lost_node_during_the_sweep_retries_the_trial_and_keeps_every_row(multin
     raw = dict(experiment='lost-sweep', seed=0, data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=64),
                model=dict(checkpoint=_tiny_model(tmp_path)),
                sweep=dict(samplers=[dict(sampler='edm', num_steps=[4, 6, 8, 10])], calibrated=[False], max_failures=2),
-               evaluate=dict(num_images=48, reference_images=8, batch_size=16))
+               evaluate=dict(num_images=8, reference_images=8, batch_size=8))
     try:
         proc = _start(cluster, raw, tmp_path, 'sweep')
         trial = lambda: _node_running(cluster, 'ImplicitFunc') or _node_running(cluster, '_trial')
@@ -194,7 +160,7 @@ def test_lost_node_during_the_sweep_retries_the_trial_and_keeps_every_row(multin
         # No worker node left: the retried trials wait for resources that never come; after
         # --stall-timeout the sweep stops, says so, and the run exits naming what did not run.
         _restore(cluster)
-        raw['evaluate']['num_images'] = 40  # other trials: nothing reused
+        raw['evaluate']['num_images'] = 6  # other trials: nothing reused
         proc = _start(cluster, raw, tmp_path, 'stalled', '--stall-timeout', '20')  # time for a trial to start on the new node
         _wait_for(trial, what='a running sweep trial')
         for node in _workers(cluster):

@@ -1,7 +1,8 @@
-"""A cluster whose worker node cannot see the driver's disk, as on KubeRay or a cloud cluster:
-a head with no CPUs and one worker node started with `ray start --block` inside its own mount
-namespace (`unshare --mount`), with a tmpfs over the folder that holds the driver's spec, local
-results root and cache. System paths (Debian's dataset folder, the virtual environment) stay
+"""A cluster whose worker nodes cannot see the driver's disk, as on KubeRay or a cloud cluster:
+a head with no CPUs and two 1-CPU worker nodes, each started with `ray start --block` inside its
+own mount namespace (`unshare --mount`), with a tmpfs over the folder that holds the driver's
+spec, local results root and cache. The driver connects with --address, as a user's would:
+training, calibration actors and sweep trials spread over the two nodes. System paths (Debian's dataset folder, the virtual environment) stay
 shared, as on nodes built from one image. The reduced spec runs there end to end with its
 results on object storage (moto's S3 server on loopback); a local results root is refused up
 front. (`ray start` joins a multi-node cluster only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset,
@@ -22,12 +23,19 @@ import yaml
 from orchestrator import results
 from orchestrator.storage import Storage, fetch
 from tasks import calibration, data
-from test_multinode import SPEC as MULTINODE_SPEC  # tests/ module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(os.path.dirname(sys.executable), 'ray')
 
-SPEC = dict(MULTINODE_SPEC, experiment='isolated')  # the reduced spec of the multi-node tests
+SPEC = dict(
+    experiment='isolated', seed=0,
+    data=dict(name='fashion-mnist', pad_to_32=True, resolution=16, limit=256),
+    model=dict(preset='ddpmpp-tiny'),
+    train=dict(total_kimg=0.064, batch_size=16, kimg_per_tick=0.032, lr_rampup_kimg=0.05, ema_halflife_kimg=0.05),
+    calibrate=dict(images=32, chunk_size=8, actors=2, batch_size=16),
+    sweep=dict(samplers=[dict(sampler='dpm_solver', order=2, method='multistep', steps=4)], calibrated=[False, True]),
+    evaluate=dict(num_images=4, reference_images=8, batch_size=8),
+)
 
 
 def _can_unshare():
@@ -61,8 +69,8 @@ def _orchestrator(*args, cache, timeout=900):
 
 
 class IsolatedCluster:
-    """`ray start` head (0 CPUs) and one 2-CPU worker node in its own mount namespace with a tmpfs
-    over `hidden`. Every process is ended by its process group at exit."""
+    """`ray start` head (0 CPUs) and two 1-CPU worker nodes, each in its own mount namespace with a
+    tmpfs over `hidden`. Every process is ended by its process group at exit."""
 
     def __init__(self, hidden, log_dir):
         from orchestrator.runner import free_port
@@ -74,11 +82,12 @@ class IsolatedCluster:
         self._start([RAY, 'start', '--head', '--num-cpus=0', f'--port={self.port}', f'--temp-dir={self.temp_dir}',
                      '--dashboard-host=127.0.0.1', f'--dashboard-port={free_port()}', *common], os.path.join(log_dir, 'head.log'))
         self._wait_for_nodes(1)
-        worker = ' '.join([RAY, 'start', f'--address={self.address}', '--num-cpus=2', *common])
-        self._start(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
-                     f'mount -t tmpfs tmpfs {hidden} && exec {worker}'], os.path.join(log_dir, 'worker.log'),
-                    CALIB_EDM_CACHE=self.worker_cache)
-        self._wait_for_nodes(2)
+        worker = ' '.join([RAY, 'start', f'--address={self.address}', '--num-cpus=1', *common])
+        for i in range(2):
+            self._start(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+                         f'mount -t tmpfs tmpfs {hidden} && exec {worker}'], os.path.join(log_dir, f'worker{i}.log'),
+                        CALIB_EDM_CACHE=self.worker_cache)
+        self._wait_for_nodes(3)
 
     def _start(self, command, log, **env):
         with open(log, 'w') as f:
@@ -132,7 +141,7 @@ def test_reduced_spec_on_a_cluster_without_shared_disk(s3_bucket, tmp_path, ray_
         started = time.time()
         local = _orchestrator('run', str(spec), '--address', cluster.address, '--results', str(hidden / 'results'),
                               cache=cache)
-        assert local.returncode == 2 and 'the results root is not shared: 1 of 2 node(s) cannot see' in local.stderr, \
+        assert local.returncode == 2 and 'the results root is not shared: 2 of 3 node(s) cannot see' in local.stderr, \
             local.stdout[-2000:] + local.stderr[-3000:]
         assert local.stderr.strip().count('\n') == 0 and 'Traceback' not in local.stderr and '== train' not in local.stdout
         assert time.time() - started < 60
@@ -148,9 +157,14 @@ def test_reduced_spec_on_a_cluster_without_shared_disk(s3_bucket, tmp_path, ray_
     assert len(sweep) == 2 and sweep['fid'].notna().all() and 'error' not in sweep.columns
     reference = results.read_table(f'{s3_bucket}/single', 'isolated', 'sweep')
     assert sorted(sweep['label']) == sorted(reference['label'])
+    assert (results.read_table(f'{s3_bucket}/multi', 'isolated', 'calibration')['images'] == 32).all()
     a, b = _calibration_table(f'{s3_bucket}/multi'), _calibration_table(f'{s3_bucket}/single')
     for name in ('sum_D', 'sum_y', 'sum_r2', 'count'):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # The table two actors on two nodes computed is the single-process estimate over the same images.
+    ds = data.load_dataset('fashion-mnist', pad_to_32=True, resolution=16, limit=32)
+    expected_sum_y = data.to_model_range(ds.images).to(torch.float64).sum(0)
+    assert a.chunks == set(range(4)) and torch.allclose(a.sum_y[0, 0], expected_sum_y, rtol=1e-12, atol=1e-9)
     # What ran there is on the store, not on the driver's disk (the worker never wrote to it).
     stored = {k.split('/')[2].split('-')[0] for k, _ in Storage(f'{s3_bucket}/multi').files('isolated/stages')}
     assert stored == {'train', 'calibrate', 'reference', 'sweep'}

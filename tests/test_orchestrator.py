@@ -68,38 +68,6 @@ def _kill_one_actor(class_name, ready, kills):
     return thread
 
 
-@needs_fashion
-def test_two_worker_training_killed_midway_resumes_exactly(ray_cluster, tmp_path):
-    """A 2-worker DDP run whose worker process is killed after the first checkpoint is restarted
-    by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
-    (per-rank data order and noise are restored)."""
-    from orchestrator.train import run_train_stage
-    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.384, kimg_per_tick=0.064, checkpoint_ticks=1,
-                                   snapshots_kimg=[0.192]))
-    # The same stage under two results roots: one run is disturbed, the other not.
-    failed, clean = ([st for st in runner.plan.make_plan(s, str(tmp_path / root)) if st.name == 'train'][0]
-                     for root in ('failed', 'clean'))
-    dataset = runner.plan.load_data(*runner.plan.data_inputs(s.data))
-
-    def past_first_checkpoint():  # Ray Train has registered a checkpoint in the stage's storage
-        return any(k.endswith(tasks_train.CHECKPOINT) for k, _ in failed.storage.files(failed.key))
-    kills = []
-    watcher = _kill_one_actor('RayTrainWorker', past_first_checkpoint, kills)
-    run = lambda stage: run_train_stage(stage, {}, dataset, runner.RunOptions(log=lambda *a: None))
-    outputs = run(failed)
-    watcher.join()
-    assert kills  # a worker did die mid-run
-    reference = run(clean)
-    assert sorted(outputs['snapshots']) == sorted(reference['snapshots']) == ['0.192kimg', '0.384kimg']
-    assert outputs['device'] == 'cpu'
-    for key, nimg in (('0.192kimg', 192), ('0.384kimg', 384)):  # the snapshot too, kept across the restart
-        a, b = (torch.load(o['snapshots'][key]['network'], weights_only=True) for o in (outputs, reference))
-        assert a['cur_nimg'] == b['cur_nimg'] == nimg
-        for name in a['ema']:
-            assert torch.equal(a['ema'][name], b['ema'][name]), name
-    assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
-
-
 def _listeners_of_descendants():
     """{(process name, local address)} of every TCP socket that this process and its descendants
     (the embedded cluster's GCS, raylet, agents, workers) listen on, from `ss -ltnpH`."""
@@ -128,30 +96,53 @@ def _listeners_of_descendants():
 
 @needs_fashion
 @pytest.mark.skipif(shutil.which('ss') is None, reason='ss (iproute2) is not installed: it lists the listening sockets')
-def test_embedded_cluster_and_ddp_training_listen_on_loopback_only(ray_cluster, tmp_path):
-    """While two workers train with DDP on the embedded cluster, every socket its processes
-    listen on (Ray's GCS, raylet, agents and workers, torch's process-group store, gloo) is bound
-    to 127.0.0.1: the store used to listen on every interface, Ray's agents on the machine's address."""
+def test_two_worker_training_killed_midway_resumes_exactly_on_loopback_only(ray_cluster, tmp_path):
+    """A 2-worker DDP run whose worker process is killed after the first checkpoint is restarted
+    by FailureConfig from that checkpoint and ends with the same weights as an uninterrupted run
+    (per-rank data order and noise are restored). While they train, every socket the embedded
+    cluster's processes listen on (Ray's GCS, raylet, agents and workers, torch's process-group
+    store, gloo) is bound to 127.0.0.1: the store used to listen on every interface, Ray's agents
+    on the machine's address."""
     from orchestrator.train import run_train_stage
-    s = _spec(tmp_path, train=dict(workers=2, total_kimg=0.256, kimg_per_tick=0.064))
-    train = [st for st in runner.plan.make_plan(s, str(tmp_path)) if st.name == 'train'][0]
+    s = _spec(tmp_path, train=dict(workers=2, max_failures=1, total_kimg=0.384, kimg_per_tick=0.064, checkpoint_ticks=1,
+                                   snapshots_kimg=[0.192]))
+    # The same stage under two results roots: one run is disturbed, the other not.
+    failed, clean = ([st for st in runner.plan.make_plan(s, str(tmp_path / root)) if st.name == 'train'][0]
+                     for root in ('failed', 'clean'))
     dataset = runner.plan.load_data(*runner.plan.data_inputs(s.data))
+
+    def past_first_checkpoint():  # Ray Train has registered a checkpoint in the stage's storage
+        return any(k.endswith(tasks_train.CHECKPOINT) for k, _ in failed.storage.files(failed.key))
     seen, done = set(), threading.Event()
 
-    def sample():
+    def listeners():
         while not done.is_set():
             seen.update(_listeners_of_descendants())
             time.sleep(0.2)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    run_train_stage(train, {}, dataset, runner.RunOptions(log=lambda *a: None))
+    sampler = threading.Thread(target=listeners, daemon=True)
+    sampler.start()
+    kills = []
+    watcher = _kill_one_actor('RayTrainWorker', past_first_checkpoint, kills)
+    run = lambda stage: run_train_stage(stage, {}, dataset, runner.RunOptions(log=lambda *a: None))
+    outputs = run(failed)
+    watcher.join()
+    assert kills  # a worker did die mid-run
+    reference = run(clean)
     done.set()
-    thread.join()
+    sampler.join()
     train_workers = {address for name, address in seen if 'RayTrainWo' in name}
     assert len(train_workers) >= 4, seen  # each worker's Ray server and gloo socket, and rank 0's store
     outside = sorted((name, address) for name, address in seen
                      if address.rsplit(':', 1)[0] not in ('127.0.0.1', '[::ffff:127.0.0.1]', '[::1]'))
     assert not outside, outside
+    assert sorted(outputs['snapshots']) == sorted(reference['snapshots']) == ['0.192kimg', '0.384kimg']
+    assert outputs['device'] == 'cpu'
+    for key, nimg in (('0.192kimg', 192), ('0.384kimg', 384)):  # the snapshot too, kept across the restart
+        a, b = (torch.load(o['snapshots'][key]['network'], weights_only=True) for o in (outputs, reference))
+        assert a['cur_nimg'] == b['cur_nimg'] == nimg
+        for name in a['ema']:
+            assert torch.equal(a['ema'][name], b['ema'][name]), name
+    assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
 
 
 def test_segments_cut_chunks_at_the_image_counts():

@@ -281,7 +281,7 @@ def calibration_sigmas(net, trials, points=None):
 
 # Log-spaced grid points between a search's extreme sigmas (EDM's 0.002 .. 80 sqrt(2) for its
 # stochastic sampler): the smallest count whose log-sigma interpolation of c(sigma) is within 1% of
-# exact tables at the off-grid sigmas in between, measured by bench/calibration_grid.py (README,
+# exact tables at the off-grid sigmas in between, measured by bench/calibration_grid.py (docs/search.md,
 # "Calibration grids for searches"): 81 for a trained Fashion-MNIST network (0.64% at 81, 1.005% at
 # 65) and 79 for the closed form of a Gaussian model (c ~ sigma^2 at small sigma).
 DEFAULT_GRID_POINTS = 81

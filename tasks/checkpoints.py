@@ -365,7 +365,7 @@ def _load_diffusers(path):
         raise CheckpointError(f'{path}: cannot load the diffusers UNet2DModel ({_first_line(e)})') from None
     # The noise levels are the scheduler's own alphas_cumprod (float32 in diffusers), sigma in float64;
     # the time input follows its num_train_timesteps (precond.VPModelDenoiser).
-    # A first level of alphas_cumprod = 1 (sigma 0) is dropped there (README decision on discrete-time models).
+    # A first level of alphas_cumprod = 1 (sigma 0) is dropped there (docs/science.md, decision on discrete-time models).
     try:
         noise_schedule = schedules.VPDiscreteNoiseSchedule(alphas_cumprod=scheduler.alphas_cumprod.to(torch.float64))
     except ValueError as e:

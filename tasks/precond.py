@@ -43,7 +43,7 @@ class Precond(torch.nn.Module):
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
         """D(x; sigma) in x's dtype. The arithmetic is EDM's, in float32 (the samplers' float64
         state is cast on the way in and D cast back at the end only), so that D is bit for bit
-        NVlabs/edm's for any x (README: the dtype contract)."""
+        NVlabs/edm's for any x (docs/science.md: the dtype contract)."""
         dtype_in = x.dtype
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
@@ -151,7 +151,7 @@ class FastDenoiser(torch.nn.Module):
     (convolutions and matmuls in bf16, the preconditioning and the output in float32),
     channels_last activations, and/or torch.compile of the wrapped module. With every option off
     it is the wrapped denoiser exactly. bench/gpu_throughput.py measures what each option buys
-    and how far it moves D; the README keeps the table."""
+    and how far it moves D; docs/benchmarks.md keeps the table."""
 
     def __init__(self, net, bf16=False, channels_last=False, compile=False):
         super().__init__()
@@ -235,7 +235,7 @@ class VPModelDenoiser(torch.nn.Module):
     K levels its schedule keeps (t_n = (n + 1) / K; K = N unless the reference's clip dropped
     levels at the noisy end), so at the sigma of step n it gets exactly n; fractional labels
     between the trained integers are interpolated by the model itself. N = 1000 keeps
-    DPM-Solver's model_wrapper input (t - 1/K) * 1000 bit for bit (README decision on
+    DPM-Solver's model_wrapper input (t - 1/K) * 1000 bit for bit (docs/science.md decision on
     discrete-time models): the same unless the clip dropped levels, where it is n * 1000 / K
     (e.g. the cosine schedule, K = 996)."""
 
@@ -268,7 +268,7 @@ class VPModelDenoiser(torch.nn.Module):
     def forward(self, x, sigma, class_labels=None):
         """D(x; sigma) in x's dtype: x_t = alpha_t x and the conversion to the data prediction in
         x's dtype, the model's input x_t cast to the dtype of its own parameters (the samplers'
-        float64 state into a float32 UNet), its output cast back (README: the dtype contract)."""
+        float64 state into a float32 UNet), its output cast back (docs/science.md: the dtype contract)."""
         sigma64 = torch.as_tensor(sigma, dtype=torch.float64, device='cpu').reshape(-1)
         t = self.noise_schedule.t_of_sigma(sigma64)
         alpha = self.noise_schedule.alpha(t).to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))

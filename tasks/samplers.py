@@ -183,7 +183,7 @@ def distinct_levels(sigmas):
     maps several grid points to one level (EDM's sampler on iDDPM's 1000 levels at 100 steps keeps
     94); a step between equal levels has size zero (x + 0 * d) and costs evaluations for nothing
     (diffusers PRs 4231, 6477). NVlabs/edm keeps them; the deterministic result is the same bit for
-    bit, the stochastic one is not (gamma counts the distinct steps: README decision)."""
+    bit, the stochastic one is not (gamma counts the distinct steps: docs/science.md decision)."""
     keep = torch.ones(len(sigmas), dtype=torch.bool, device=sigmas.device)
     keep[1:] = sigmas[1:] != sigmas[:-1]
     return sigmas[keep]

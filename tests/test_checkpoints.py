@@ -242,7 +242,7 @@ def _record_time_inputs(net, output=lambda x_t, t: torch.zeros_like(x_t)):
 def test_diffusers_1000_steps_keep_dpm_solvers_time_input_bit_for_bit(tmp_path, beta_schedule):
     """Pinned before the time input learned N: a 1000-step model receives DPM-Solver's
     model_wrapper input (t - 1/K) * 1000 bit for bit, K the levels kept by the reference's clip
-    (1000 for linear, 996 for the cosine schedule: README decision on discrete-time models)."""
+    (1000 for linear, 996 for the cosine schedule: docs/science.md, decision on discrete-time models)."""
     diffusers = pytest.importorskip('diffusers', reason="diffusers is an optional extra: pip install '.[diffusers]'")
     net = checkpoints.load_denoiser(_diffusers_dir(tmp_path, diffusers.DDPMScheduler(beta_schedule=beta_schedule)))
     ns = net.noise_schedule

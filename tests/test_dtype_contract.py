@@ -1,4 +1,4 @@
-"""The dtype contract of every denoiser (README: the dtype contract): x arrives in the sampler's
+"""The dtype contract of every denoiser (docs/science.md: the dtype contract): x arrives in the sampler's
 dtype (float64), the network gets its input in the dtype of its own parameters, D comes back in
 x's dtype. Every model format x every sampler x every use (generate, estimate_table,
 metrics.sample_statistics), on 8x8 images: field report ClownsharkBatwing/RES4LYF #22 ("Input

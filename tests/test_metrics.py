@@ -198,7 +198,7 @@ def test_evaluate_plumbing_is_not_called_fid(tmp_path, random_state_dict):
 @needs_fid_helper
 def test_fid_on_fashion_mnist_grows_with_corruption(real_weights):
     """Real FID network on real data (48 images a set, so the values are far above the 10k
-    protocol's; README has the measured larger-n numbers): the test split is closest to train,
+    protocol's; docs/benchmarks.md has the measured larger-n numbers): the test split is closest to train,
     and blur and noise move FID up."""
     import importlib.util
     spec = importlib.util.spec_from_file_location('fidbench', os.path.join(os.path.dirname(__file__), '..', 'bench', 'fid_fashion_mnist.py'))

@@ -382,7 +382,7 @@ def test_repeated_levels_are_stepped_once_with_the_same_deterministic_result(gau
 
 def test_stochastic_churn_counts_the_distinct_steps(gaussian):
     """gamma = min(S_churn / N', sqrt(2) - 1) with N' the distinct steps (31 of 50 for the iddpm
-    discretization in [10, 20]), so the stochastic result changes from NVlabs/edm's (README
+    discretization in [10, 20]), so the stochastic result changes from NVlabs/edm's (docs/science.md
     decision)."""
     net = _OnLevels(types_namespace(sigma_min=0.002, sigma_max=80), gaussian)
     settings = dict(num_steps=50, discretization='iddpm', sigma_min=10, sigma_max=20, S_churn=5)

@@ -79,15 +79,23 @@ class IsolatedCluster:
         self.worker_cache = tempfile.mkdtemp(prefix='calib-edm-worker-cache-', dir='/tmp')
         self.address = f'127.0.0.1:{self.port}'
         common = ['--block', '--node-ip-address=127.0.0.1', f'--object-store-memory={100 * 1024 ** 2}', '--disable-usage-stats']
+        try:
+            self._start_nodes(hidden, log_dir, common)
+        except BaseException:  # a node that did not come up: end the others, as close() would
+            self.close()
+            raise
+
+    def _start_nodes(self, hidden, log_dir, common):
+        from orchestrator.runner import free_port
         self._start([RAY, 'start', '--head', '--num-cpus=0', f'--port={self.port}', f'--temp-dir={self.temp_dir}',
                      '--dashboard-host=127.0.0.1', f'--dashboard-port={free_port()}', *common], os.path.join(log_dir, 'head.log'))
         self._wait_for_nodes(1)
         worker = ' '.join([RAY, 'start', f'--address={self.address}', '--num-cpus=1', *common])
-        for i in range(2):
+        for i in range(2):  # one after the other: two `ray start` on one address at once may time out registering
             self._start(['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
                          f'mount -t tmpfs tmpfs {hidden} && exec {worker}'], os.path.join(log_dir, f'worker{i}.log'),
                         CALIB_EDM_CACHE=self.worker_cache)
-        self._wait_for_nodes(3)
+            self._wait_for_nodes(2 + i)
 
     def _start(self, command, log, **env):
         with open(log, 'w') as f:

@@ -92,7 +92,9 @@ def test_rungs_of_the_issue_example():
     (dict(sweep__search__num_samples=8), r'sweep.search.num_samples: only with an algorithm'),
     (dict(sweep__search__algorithm='optuna'), r'sweep.search.num_samples: missing: how many trials optuna proposes'),
     (dict(sweep__search__algorithm='tpe', sweep__search__num_samples=4), r"sweep.search.algorithm: 'tpe' is not one of: optuna"),
-    (dict(sweep__search__scheduler='asah'), r"sweep.search.scheduler: 'asah' is not one of: asha, fifo \(did you mean 'asha'\?\)"),
+    (dict(sweep__search__scheduler='asah'), r"sweep.search.scheduler: 'asah' is not one of: sha, asha, fifo \(did you mean 'asha'\?\)"),
+    (dict(sweep__search__scheduler='sha', sweep__search__algorithm='optuna', sweep__search__num_samples=8),
+     r'sweep.search.scheduler: sha halves a fixed set of trials, rung by rung; optuna proposes them one by one: use asha or fifo'),
     (dict(sweep__search__metric='kid'), r"sweep.search.metric: 'kid' is not one of: fid"),
     (dict(sweep__search__min_images=60000), r'sweep.search.min_images: 60000: the first rung is above evaluate.num_images = 50000'),
     (dict(sweep__search__min_images=1), r'sweep.search.min_images: a Frechet distance needs at least 2 images'),
@@ -115,6 +117,14 @@ def test_a_valid_search_plans_rungs_and_its_space():
     assert '16 trial(s) proposed by optuna, ASHA on rungs of 500/1500/4500/13500/40500/50000 images' in stage.resources
     # The grid's trials are the corners of the space: 2^4 settings.
     assert len(s.trials()) == 16 and {t['num_steps'] for t in s.trials()} == {8, 40}
+
+
+def test_the_scheduler_defaults_to_sha_over_a_grid_and_asha_with_an_algorithm():
+    assert _parse().sweep.search.scheduler == 'sha'
+    assert _parse(sweep__search__algorithm='optuna', sweep__search__num_samples=8).sweep.search.scheduler == 'asha'
+    assert _parse(sweep__search__scheduler='fifo').sweep.search.scheduler == 'fifo'
+    stage = {st.name: st for st in plan.make_plan(_parse(), 'results')}['sweep']
+    assert '4 Tune trial(s), SHA on rungs of 500/1500/4500/13500/40500/50000 images' in stage.resources
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +212,25 @@ def test_a_promoted_trial_generates_no_image_twice_and_matches_one_pass(generate
     assert result['frechet_distance_blocks'] == pytest.approx(full['frechet_distance_blocks'], rel=1e-9)
     assert result['frechet_distance'] == pytest.approx(full['frechet_distance'], rel=1e-9)
     assert [s['records'][-1]['images'] for s in saved] == [4, 12]  # kept before each report
+
+
+def test_a_trial_halted_at_each_rung_and_resumed_generates_no_image_twice(generated):
+    """Synchronous halving runs a trial to one rung at a time (ctx stop_at): halted at 4, then at
+    12, then to the end, each time from the kept sums, it generates seeds 0..71 once each and ends
+    bit for bit where the trial grown in one go ends."""
+    (whole, _), _, _, _ = _grow()
+    generated.clear()
+    records, stats, samples = [], None, None
+    for stop_at in (4, 12):
+        saved = []  # (records, sums, samples) as kept at each rung
+        grown = sweep.grow(NET, _reference(), PixelFeatures(), TRIAL, dict(CTX, stop_at=stop_at), list(records), stats,
+                           samples=samples, report=lambda record, new: None,
+                           save=lambda r, st, sm: saved.append((list(r), metrics.FeatureStats.from_state(st.state()), sm)))
+        assert grown is None and saved[-1][0][-1]['images'] == stop_at
+        records, stats, samples = saved[-1]
+    (resumed, new), _, _, _ = _grow(records=records, stats=stats, samples=samples)
+    assert generated == list(range(72)) and new == 24 + 36
+    assert resumed['frechet_distance_blocks'] == whole['frechet_distance_blocks']
 
 
 class _Killed(Exception):
@@ -471,3 +500,41 @@ def test_the_sample_grid_is_the_images_the_trial_measured(generated, tmp_path):
     _, _, small = sweep.grow(NET, _reference(), PixelFeatures(), TRIAL, dict(CTX, rungs=[4, 12], num_images=12, seed_blocks=1),
                              [], None, report=lambda *a: None, save=lambda *a: None)
     assert len(small) == 12  # min(64, images generated)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synchronous successive halving (sweep.search.scheduler: sha): a pure function of the rung values.
+
+def test_halving_promotes_the_best_of_every_rung_as_by_hand():
+    """12 trials, rungs 25/50/100/200, factor 2: 12 run the first rung, the best 6 by its value go
+    on, then 3, then 2 (ceil(3 / 2)); each cut reads only that rung's values."""
+    rungs = [25, 50, 100, 200]
+    first = dict(a=9.0, b=3.0, c=7.0, d=1.0, e=12.0, f=5.0, g=2.0, h=11.0, i=4.0, j=8.0, k=6.0, l=10.0)
+    reached = {h: {25: v} for h, v in first.items()}
+    assert sweep.halving(reached, rungs, 2) == [sorted(first), ['b', 'd', 'f', 'g', 'i', 'k']]  # not yet measured at 50
+    for h, v in dict(b=6.0, d=2.0, f=1.0, g=5.0, i=3.0, k=4.0).items():  # the order changes at rung 50
+        reached[h][50] = v
+    for h, v in dict(d=3.0, f=1.0, i=2.0).items():
+        reached[h][100] = v
+    assert sweep.halving(reached, rungs, 2) == [sorted(first), ['b', 'd', 'f', 'g', 'i', 'k'], ['d', 'f', 'i'], ['f', 'i']]
+    # One trial of a rung not measured yet: nothing is decided beyond it.
+    del reached['i'][100]
+    assert sweep.halving(reached, rungs, 2)[-1] == ['d', 'f', 'i']
+
+
+def test_halving_with_a_non_integer_factor_a_failed_trial_and_ties():
+    """Factor 2.5: 12 -> ceil(4.8) = 5 -> 2 -> 1. A failed trial (NaN) ranks last and a tie goes
+    to the smaller trial hash; a NaN never enters a comparison."""
+    rungs = [10, 25, 63, 100]
+    reached = {f'{i:02x}': {10: float(i)} for i in range(12)}
+    reached['00'][10] = math.nan  # the best value's slot, failed: ranks last
+    reached['07'][10] = 1.0       # ties with '01': '01' first
+    in_25 = ['01', '07', '02', '03', '04']
+    for h, v in zip(in_25, (5.0, 5.0, 1.0, math.nan, 2.0)):
+        reached[h][25] = v
+    reached['02'][63], reached['04'][63] = 3.0, 3.0
+    out = sweep.halving(reached, rungs, 2.5)
+    assert out == [sorted(reached), sorted(in_25), ['02', '04'], ['02']]
+    # Every trial failed at the first rung: the cut still keeps ceil(n / factor), by hash.
+    failed = {h: {10: math.nan} for h in ('c', 'a', 'b')}
+    assert sweep.halving(failed, [10, 20], 2)[1] == ['a', 'b']

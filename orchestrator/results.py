@@ -258,6 +258,9 @@ def show(storage, experiment, now=None):
                      # rung counts only for a search (a grid's one rung is num_images)
                      + ('; rungs ' + ' '.join(f'{k}:{v}' for k, v in sweep['rungs'].items()) if len(sweep.get('rungs') or {}) > 1
                         else ''))
+        if sweep.get('grid_images'):
+            lines.append(f'images generated: {sweep["images_generated"]} of the grid\'s {sweep["grid_images"]} '
+                         f'({100 * sweep["images_generated"] / sweep["grid_images"]:.1f}%)')
     if storage.exists(table_key(experiment, 'sweep')):
         df = read_table(storage, experiment, 'sweep')
         metric = metric_column(df)

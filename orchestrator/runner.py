@@ -239,6 +239,12 @@ def track_stage(tracker, spec, stage, reused, failed):
             tracker.log_series(run_id, f'sigma_{name(values)}', g.sort_values('sigma')['sigma'])
         for _, row in results.read_table(storage, spec.experiment, 'likelihood').iterrows():
             tracker.client.log_metric(run_id, f'likelihood_gain_nats_{name([row[c] for c in which])}', float(row['likelihood_gain_nats']))
+    if stage.name == 'sweep' and storage.exists(results.table_key(spec.experiment, 'sweep')):
+        rows = results.read_table(storage, spec.experiment, 'sweep')
+        generated = int(rows['images_generated'].fillna(0).sum()) if 'images_generated' in rows else 0
+        grid = len(rows) * spec.evaluate.num_images * spec.evaluate.seed_blocks
+        tracker.client.log_metric(run_id, 'images_generated', generated)
+        tracker.client.log_metric(run_id, 'share_of_grid_images', generated / grid)
     tracker.end(run_id, failed=bool(failed))
 
 

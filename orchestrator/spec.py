@@ -134,7 +134,10 @@ class CalibrateSpec:
 @dataclass
 class SearchSpec:
     """How a sweep searches (sweep.search; absent: every trial of the grid at full cost)."""
-    scheduler: str = 'asha'                # asha: successive halving on sample count; fifo: every rung, none pruned
+    # sha: synchronous successive halving on sample count (every trial measures a rung, the best
+    # 1/reduction_factor go on; the default over a grid); asha: asynchronous (Tune's ASHAScheduler,
+    # promotes whatever reaches a rung first; the default with an algorithm); fifo: every rung, none stopped.
+    scheduler: Optional[str] = None
     metric: str = 'fid'                    # lower is better; KID and precision/recall at the last rung
     min_images: int = 500                  # the first rung; rungs grow by reduction_factor up to evaluate.num_images
     reduction_factor: float = 3
@@ -614,7 +617,12 @@ def _check_range(path, where, name, r, search):
 
 def _check_search(path, search, num_images):
     w = 'sweep.search'
+    if search.scheduler is None:
+        search.scheduler = 'asha' if search.algorithm else 'sha'
     _choice(path, f'{w}.scheduler', search.scheduler, SCHEDULERS)
+    if search.scheduler == 'sha' and search.algorithm is not None:
+        _fail(path, f'{w}.scheduler', f'sha halves a fixed set of trials, rung by rung; {search.algorithm} proposes them one '
+                                      'by one: use asha or fifo with an algorithm')
     _choice(path, f'{w}.metric', search.metric, ('fid',))
     _positive(path, f'{w}.min_images', search.min_images)
     if search.min_images > num_images:
@@ -632,7 +640,7 @@ def _check_search(path, search, num_images):
         _fail(path, f'{w}.num_samples', 'only with an algorithm (a grid runs each of its trials once)')
 
 
-SCHEDULERS = ('asha', 'fifo')
+SCHEDULERS = ('sha', 'asha', 'fifo')
 ALGORITHMS = ('optuna',)
 
 
@@ -666,7 +674,7 @@ def json_schema():
     choices = {('DataSpec', 'name'): data_mod.DATASETS, ('DataSpec', 'split'): ('train', 'test'),
                ('ModelSpec', 'preset'): sorted(networks.PRESETS), ('ModelSpec', 'precond'): list(precond.PRECONDS),
                ('ModelSpec', 'format'): (*checkpoints.FORMATS, None), ('TrainSpec', 'loss'): ('vp', 've', 'edm'),
-               ('TrainSpec', 'use_gpu'): ('auto', True, False)}
+               ('TrainSpec', 'use_gpu'): ('auto', True, False), ('SearchSpec', 'scheduler'): (*SCHEDULERS, None)}
     for (section, key), values in choices.items():
         defs[section]['properties'][key]['enum'] = list(values)
     for section, aliases in ALIASES.items():

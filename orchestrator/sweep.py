@@ -109,7 +109,9 @@ def grow(net, reference, extractor, trial, ctx, records, stats, report, save, de
     (uint8, the very images measured). At num_images the full protocol (metrics.evaluate with the
     measured first block) gives the row's metrics: returns (its result, the images sampled for the
     last rung and the other seed blocks, the samples). walk: the trial's samplers.step_summary,
-    kept in each rung record (a stopped trial's row reads it there)."""
+    kept in each rung record (a stopped trial's row reads it there). ctx['stop_at'], a rung below
+    num_images (synchronous halving's runs): the trial ends there, its state kept, and None is
+    returned."""
     e, kwargs = ctx, dict(sampler_kwargs(trial), class_idx=ctx['class_idx'])
     keep = e['kid'] or e['precision_recall']
     stats = stats or metrics.FeatureStats(dim=getattr(extractor, 'dim', metrics.FEATURES), keep_features=keep)
@@ -136,6 +138,8 @@ def grow(net, reference, extractor, trial, ctx, records, stats, report, save, de
         if n < e['num_images']:
             save(records, stats, torch.cat(kept))
             report(record, new)
+            if n == e.get('stop_at'):
+                return None
     result = metrics.evaluate(net, reference, extractor, e['num_images'], trial['sampler'], seed_blocks=e['seed_blocks'],
                               batch_size=e['batch_size'], device=device, kid=e['kid'], precision_recall=e['precision_recall'],
                               first_block=(stats, nfe, records[-1][name]), **kwargs)
@@ -172,9 +176,12 @@ def _trial(config, ctx):
             table = calibration.CalibrationTable.load(fetch(ctx['tables'][key]))
             net = calibration.CalibratedDenoiser(net, table, interpolate=ctx['interpolate'], context=describe_trial(trial),
                                                  per_class=trial['calibration_per_class'])
-        result, new, samples = grow(net, reference, extractor, trial, ctx, records, stats, device=device, samples=samples, walk=walk,
-                                    report=lambda record, new: tune.report(tune_result(record, metric, new)),
-                                    save=lambda *kept: save_state(storage, h, *kept))
+        grown = grow(net, reference, extractor, trial, ctx, records, stats, device=device, samples=samples, walk=walk,
+                     report=lambda record, new: tune.report(tune_result(record, metric, new)),
+                     save=lambda *kept: save_state(storage, h, *kept))
+        if grown is None:  # at the rung synchronous halving asked for; the driver decides what goes on
+            return
+        result, new, samples = grown
     except (samplers.NonFiniteSamples, calibration.CalibrationError) as e:
         # Deterministic (the same seeds give the same NaN; a table that does not fit stays so):
         # reported, not raised, so Tune does not retry it; the driver gives it an error row and the
@@ -182,6 +189,7 @@ def _trial(config, ctx):
         tune.report({'error': f'{type(e).__name__}: {e}', metric: math.nan})
         return
     row = dict(trial_row(trial), trial_hash=h, images=ctx['num_images'], stopped=False, rungs=records, **walk,
+               images_generated=ctx['num_images'] * ctx['seed_blocks'],
                **{k: ([float(x) for x in v] if isinstance(v, list) else v) for k, v in result.items()},  # *_blocks: JSON
                device=device, wall_time=time.time() - start, reference_sha256=reference['sha256'], class_idx=ctx['class_idx'])
     # The row is kept before the last report (a scheduler may end the trial there) and as soon as
@@ -340,6 +348,10 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
     ends (its missing trials named). record: the run's results.RunRecord (the sweep's summary so
     far goes to run.json). tracker: tracking.Tracker (report.mlflow), or None."""
     storage, search = context['storage'], context['search']
+    if search and search['scheduler'] == 'sha' and 'stop_at' not in context:
+        return successive_halving(trials, context, lambda todo, n: run_sweep(
+            dict(context, stop_at=n), resources, storage_path, trials=todo, max_failures=max_failures, verbose=verbose,
+            log=log, stall_timeout=stall_timeout, record=record, tracker=tracker), log)
     if trials is not None:
         kept = [storage.exists(row_key(hash_of(t, context))) for t in trials]  # one lookup per trial (a request on a store)
         todo, finished = [t for t, row in zip(trials, kept) if search or not row], sum(kept)
@@ -358,7 +370,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
         os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
         callbacks, tune_config, param_space = [], {}, dict(trial=tune.grid_search(todo) if trials is not None else None)
         if search:
-            scheduler = tune.schedulers.FIFOScheduler() if search['scheduler'] == 'fifo' else tune.schedulers.ASHAScheduler(
+            scheduler = tune.schedulers.FIFOScheduler() if search['scheduler'] != 'asha' else tune.schedulers.ASHAScheduler(
                 time_attr='images', max_t=context['num_images'], grace_period=search['min_images'],
                 reduction_factor=search['reduction_factor'])
             tune_config = dict(metric=context['metric'], mode='min', scheduler=scheduler)
@@ -402,7 +414,8 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
                 errors[h] = f'{type(result.error).__name__}: {text[-1] if text else ""}'
             elif (result.metrics or {}).get('error'):  # a trial that reported its own failure (not retried)
                 errors[h] = result.metrics['error']
-            elif not storage.exists(row_key(h)) and (result.metrics or {}).get('images', 0) < context['num_images']:
+            elif not storage.exists(row_key(h)) and (result.metrics or {}).get('images', 0) < context['num_images'] \
+                    and 'stop_at' not in context:
                 stop_trial(storage, h, trial)  # ended by the scheduler below num_images
         if stalled.stalled:
             ask = ', '.join(f'{v:g} {k.upper()}' for k, v in resources.items())
@@ -426,6 +439,64 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
     return rows, [r['label'] for r in rows if r.get('error')]
 
 
+def halving(reached, rungs, reduction_factor):
+    """Synchronous successive halving as a pure function of what the trials measured: reached is
+    {trial hash: {rung (images): the rung's metric value}}, NaN where a trial failed. Every trial
+    runs the first rung; once every trial in at rung k has its value there, the best
+    ceil(n_k / reduction_factor) of them go on to rung k + 1 (NaN ranks last, never compared;
+    ties go to the smaller hash). Returns the trials in at each rung (hashes in order), as far as
+    the values decide: the last list is that of the rung being measured, or of num_images."""
+    inside, out = sorted(reached), []
+    for k, n in enumerate(rungs):
+        out.append(inside)
+        if k == len(rungs) - 1 or any(n not in reached[h] for h in inside):
+            break
+        rank = {h: (math.isnan(reached[h][n]), 0.0 if math.isnan(reached[h][n]) else reached[h][n], h) for h in inside}
+        inside = sorted(sorted(inside, key=rank.get)[:math.ceil(len(inside) / reduction_factor - 1e-9)])
+    return out
+
+
+def _reached(storage, h):
+    """{rung: metric value} of the rungs a trial has measured: its row's, else its kept state's."""
+    records = storage.read_json(row_key(h)).get('rungs') or [] if storage.exists(row_key(h)) else load_state(storage, h)[0]
+    return {r['images']: r[r['metric']] for r in records}
+
+
+def successive_halving(trials, context, run_rung, log):
+    """sweep.search.scheduler: sha. A loop on the driver: the rung halving() says is being
+    measured runs as one Tune grid (run_rung(trials, rung) -> (rows, failed labels)) over its
+    trials that have not measured it, each growing from its kept sums to that rung and stopping
+    there; then the next cut. A failed trial counts NaN from then on. Every decision reads the
+    kept rung records only, so a driver killed at any point makes the same promotions on re-run.
+    Trials cut before num_images get their last rung's row (stopped: true). Returns run_sweep's
+    (rows, failed labels)."""
+    storage, rungs = context['storage'], context['rungs']
+    by_hash = {hash_of(t, context): t for t in trials}
+    errors = {}
+    while True:
+        reached = {h: _reached(storage, h) for h in by_hash}
+        for h in errors:  # failed: NaN at every rung it has not measured
+            reached[h] = {n: reached[h].get(n, math.nan) for n in rungs}
+        inside = halving(reached, rungs, context['search']['reduction_factor'])
+        k, n = len(inside) - 1, rungs[len(inside) - 1]
+        todo = [by_hash[h] for h in inside[-1] if n not in reached[h]]
+        if not todo:
+            break
+        log(f'sweep: SHA rung {k + 1} of {len(rungs)} ({n} images): {len(inside[-1])} trial(s) in, {len(todo)} to measure')
+        rows, _ = run_rung(todo, n)
+        # A trial that ended at the rung as asked has no row yet; one that did not measure it failed.
+        errors.update({r['trial_hash']: r['error'] for r in rows if r.get('error') and n not in _reached(storage, r['trial_hash'])})
+    for h, trial in by_hash.items():
+        if h not in inside[-1] and h not in errors and not storage.exists(row_key(h)):
+            stop_trial(storage, h, trial)
+    stopped = sum(h not in inside[-1] for h in by_hash)
+    log(f'sweep: SHA kept {len(inside[-1])} of {len(by_hash)} trial(s) to {rungs[-1]} images; {stopped} stopped early')
+    rows = [storage.read_json(row_key(h)) if storage.exists(row_key(h)) and h not in errors
+            else dict(trial_row(t), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)'))
+            for h, t in by_hash.items()]
+    return rows, [r['label'] for r in rows if r.get('error')]
+
+
 def stop_trial(storage, h, trial):
     """The final row of a trial the scheduler stopped: its last rung's first-block metric, with
     `images` that rung's count and stopped: true. Its feature sums are no longer needed."""
@@ -434,6 +505,7 @@ def stop_trial(storage, h, trial):
         return
     last = records[-1]
     storage.write_json(row_key(h), dict(trial_row(trial), trial_hash=h, images=last['images'], stopped=True, rungs=records,
+                                        images_generated=last['images'],
                                         **{last['metric']: last[last['metric']]}, nfe=last['nfe'], num_samples=last['images'],
                                         **{k: last[k] for k in ('distinct_steps', 'sigma_end') if k in last},
                                         seed_blocks=1, wall_time=sum(r['seconds'] for r in records)))
@@ -496,8 +568,24 @@ def run_sweep_stage(stage, upstream, dataset, opts):
                              trials=stage.inputs['trials'], space=space, history_key=history,
                              max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
                              stall_timeout=opts.stall_timeout, record=opts.record, tracker=opts.tracker)
+    generated, grid = sum(images_generated(r) for r in rows), len(rows) * e['num_images'] * e['seed_blocks']
+    opts.log(f'sweep: the {len(rows)} trial(s) generated {generated} image(s), {100 * generated / grid:.1f}% of the grid\'s '
+             f'{grid} (trials x num_images x seed_blocks; failed trials count 0)')
+    if opts.record is not None:  # run.json, for `orchestrator show`
+        opts.record.update(sweep=dict(opts.record.data.get('sweep') or {}, images_generated=generated, grid_images=grid))
     uri = stage.storage.write_json(f'{stage.key}/rows.json', rows)
     return dict(rows=uri, trials=len(rows), failed=failed)
+
+
+def images_generated(row):
+    """Every image a trial sampled: its row's count (a reused row keeps it), else, for rows kept
+    before the column existed, its stopping rung or num_samples x seed_blocks. 0 for a failed
+    trial (what it sampled before failing is not kept)."""
+    if row.get('error'):
+        return 0
+    if 'images_generated' in row:
+        return row['images_generated']
+    return row['images'] if row.get('stopped') else row['num_samples'] * row['seed_blocks']
 
 
 def write_sweep_table(spec, stage, outputs, prov):
@@ -505,6 +593,8 @@ def write_sweep_table(spec, stage, outputs, prov):
     samples/<trial_hash>.png (each trial's sample grid, named in the `samples` column)."""
     storage, rows = stage.storage, stage.storage.read_json(f'{stage.key}/rows.json')
     for r in rows:  # each trial's sample grid, beside the tables (a trial may be another experiment's: copied)
+        if not r.get('error'):
+            r['images_generated'] = images_generated(r)
         if storage.exists(samples_key(r['trial_hash'])):
             r['samples'] = f'samples/{r["trial_hash"]}.png'
             storage.write_bytes(f'{spec.experiment}/{r["samples"]}', storage.read_bytes(samples_key(r['trial_hash'])))

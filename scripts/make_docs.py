@@ -57,6 +57,11 @@ def train_comments():
     return comments
 
 
+def _ref(prop):
+    """The $defs reference of a section-valued key (optional sections are anyOf [section, null])."""
+    return prop.get('$ref') or next((p['$ref'] for p in prop.get('anyOf', ()) if '$ref' in p), None)
+
+
 def _type(prop):
     if 'enum' in prop:
         return ' \\| '.join(json.dumps(v) for v in prop['enum'])
@@ -97,15 +102,18 @@ def specs_page():
     top = schema['properties']
     out += ['## Top level', '', '| key | type | default |', '|---|---|---|']
     for key, prop in top.items():
-        if '$ref' in prop or any('$ref' in p for p in prop.get('anyOf', ())):
+        if _ref(prop):
             continue
         out.append(f'| `{key}` | {_type(prop)} | {_default(prop) if key != "experiment" else "required"} |')
     out.append('')
-    for key, prop in top.items():
-        ref = prop.get('$ref') or next((p['$ref'] for p in prop.get('anyOf', ()) if '$ref' in p), None)
+    sections = [(key, prop) for key, prop in top.items()]
+    while sections:  # each section, then the sections inside it (sweep.search)
+        key, prop = sections.pop(0)
+        ref = _ref(prop)
         if ref is None:
             continue
         name = ref.rsplit('/', 1)[1]
+        sections[:0] = [(f'{key}.{k}', p) for k, p in defs[name]['properties'].items() if _ref(p)]
         comments = train_comments() if name == 'TrainSpec' else field_comments(sources[name])
         fields = {f.name: f for f in dataclasses.fields(sources[name])}
         out += [f'## `{key}`', '', '| key | type | default | meaning |', '|---|---|---|---|']

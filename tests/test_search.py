@@ -406,6 +406,16 @@ def test_a_killed_search_reuses_every_finished_rung(tmp_path, ray_subprocess):
             assert (again['fid'], again['seconds']) == (record['fid'], record['seconds'])
     expected = sum(row['images'] - (kept[h][-1]['images'] if kept.get(h) else 0) for h, row in rows.iterrows())
     assert f'sweep: {expected} image(s) sampled in this run' in out.stdout, out.stdout[-3000:]
+    # Synchronous halving (the default over a grid): the promotions are those of the recorded
+    # rung values, however the kill fell: 3 trials at 4 images, the best 2 at 8, the best at 16.
+    reached = {h: dict(zip(g['images'], g['fid'])) for h, g in rungs.groupby('trial_hash')}
+    inside = sweep.halving(reached, [4, 8, 16], 2)
+    assert [len(i) for i in inside] == [3, 2, 1]
+    for k, n in enumerate([4, 8, 16]):
+        assert sorted(rungs[rungs['images'] == n]['trial_hash']) == inside[k]
+    assert (rows['images_generated'] == [16 if h in inside[-1] else row['images'] for h, row in rows.iterrows()]).all()
+    assert f'sweep: the 3 trial(s) generated {rows["images_generated"].sum()} image(s), ' \
+           f'{100 * rows["images_generated"].sum() / 48:.1f}% of the grid\'s 48' in out.stdout, out.stdout[-3000:]
 
 
 def test_the_search_specs_search_what_the_papers_gridded():
@@ -425,7 +435,7 @@ def test_the_search_specs_search_what_the_papers_gridded():
         table1 = yaml.safe_load(f)
     with open('specs/calib-table1-search.yaml') as f:
         searched = yaml.safe_load(f)
-    assert searched['sweep'].pop('search')['scheduler'] == 'asha' and searched['sweep'] == table1['sweep']
+    assert searched['sweep'].pop('search')['scheduler'] == 'sha' and searched['sweep'] == table1['sweep']
     assert {k: v for k, v in searched.items() if k != 'experiment'} == {k: v for k, v in table1.items() if k != 'experiment'}
 
 

@@ -1,9 +1,14 @@
-"""What a search saves: a grid of 12 sampler settings at full cost vs successive halving (ASHA)
-on the same grid vs Optuna + ASHA over continuous ranges, on one model trained like the
-quickstart's; then a replay of ASHA over the grid's recorded rung metrics for 12, 24 and 48
-settings and a projection for specs/edm-stochastic-search.yaml.
+"""What a search saves: a grid of 12 sampler settings at full cost vs synchronous successive
+halving (SHA) and asynchronous (ASHA) on the same grid vs Optuna + ASHA over continuous ranges, on
+one model trained like the quickstart's; then replays over the grid's recorded rung metrics (SHA:
+one outcome; ASHA: the mean and spread over 200 shuffled orders) for 12, 24 and 48 settings, and
+projections for specs/edm-stochastic-search.yaml (ASHA, grid-order replay) and
+specs/calib-table1-search.yaml (SHA).
 
-    .venv/bin/python bench/search_cost.py [--num-images 256] [--min-images 32] [--out /tmp/search-bench]
+    .venv/bin/python bench/search_cost.py [--num-images 256] [--min-images 32] [--factor 3] [--kimg 10]
+                                          [--runs grid,sha,asha,optuna] [--out /tmp/search-bench]
+
+Images are counted with every seed block (a finished trial's images_generated).
 
 The grid run trains the model and computes the reference statistics; the other two runs read
 that network (model.checkpoint) and statistics file (evaluate.reference_stats), each under a
@@ -74,8 +79,8 @@ def run(args, name, samplers, search, trained=None):
     folder = os.path.join(root, 'search-bench')
     sweep, rungs = (pd.read_parquet(os.path.join(folder, f'{t}.parquet')) for t in ('sweep', 'rungs'))
     timings = pd.read_parquet(os.path.join(folder, 'timings.parquet')).set_index('stage')
-    sampled = int(re.search(r'sweep: (\d+) image\(s\) sampled in this run', stdout).group(1))
-    counted = int(sum(r['images'] + (0 if r['stopped'] else (r['seed_blocks'] - 1) * r['num_samples']) for _, r in sweep.iterrows()))
+    sampled = sum(map(int, re.findall(r'sweep: (\d+) image\(s\) sampled in this run', stdout)))  # (SHA: one line per rung)
+    counted = int(sweep['images_generated'].sum())
     if sampled < counted or sampled > counted and not search.get('algorithm'):
         sys.exit(f'{name}: the trials say they sampled {sampled} images, the tables hold {counted}')
     print(f'{name}: {len(sweep)} trials, {sampled} images sampled ({sampled - counted} by repeated proposals), sweep stage '
@@ -124,9 +129,21 @@ def replay(trajectories, rungs, factor, workers, extra, seed):
 
 
 def replay_share(trajectories, rungs, factor, workers, extra, repeats=200):
-    """Mean share of the full grid's images over `repeats` shuffles."""
+    """Mean and standard deviation of ASHA's share of the full grid's images over `repeats` shuffles."""
     full = len(trajectories) * (rungs[-1] + extra)
-    return float(np.mean([replay(trajectories, rungs, factor, workers, extra, s) / full for s in range(repeats)]))
+    shares = [replay(trajectories, rungs, factor, workers, extra, s) / full for s in range(repeats)]
+    return float(np.mean(shares)), float(np.std(shares))
+
+
+def sha_share(trajectories, rungs, factor, extra):
+    """Synchronous halving (orchestrator.sweep.halving, the scheduler's own decision) over recorded
+    metrics: its share of the full grid's images (order-free: one outcome)."""
+    from orchestrator.sweep import halving
+    reached = {f'{i:04d}': dict(zip(rungs, t)) for i, t in enumerate(trajectories)}
+    inside = halving(reached, rungs, factor)
+    last = {h: rungs[k] for k, ins in enumerate(inside) for h in ins}
+    images = sum(last.values()) + extra * len(inside[-1])
+    return images / (len(trajectories) * (rungs[-1] + extra))
 
 
 def main():
@@ -135,6 +152,7 @@ def main():
     p.add_argument('--min-images', type=int, default=32)
     p.add_argument('--factor', type=float, default=3)
     p.add_argument('--kimg', type=float, default=10)
+    p.add_argument('--runs', default='grid,sha,asha,optuna', help='which runs (grid is always run: the others read its model)')
     p.add_argument('--out', default='/tmp/search-bench')
     p.add_argument('--tables-only', action='store_true', help='print the tables of the runs already under --out')
     args = p.parse_args()
@@ -142,9 +160,15 @@ def main():
     print(f'command: {" ".join(sys.argv)}; device: CPU ({os.cpu_count()} cores)', flush=True)
     halving = dict(min_images=args.min_images, reduction_factor=args.factor)
     grid, grid_rungs, grid_wall, grid_images, trained = run(args, 'grid', GRID, dict(halving, scheduler='fifo'))
-    asha, asha_rungs, asha_wall, asha_images, _ = run(args, 'asha', GRID, dict(halving, scheduler='asha'), trained)
-    optuna, optuna_rungs, optuna_wall, optuna_images, _ = run(args, 'optuna', RANGES, dict(
-        halving, scheduler='asha', algorithm='optuna', num_samples=12), trained)
+    searches = {}
+    for name, samplers, search in (('SHA on the grid', GRID, dict(halving, scheduler='sha')),
+                                   ('ASHA on the grid (order shuffled by the spec\'s seed)', GRID, dict(halving, scheduler='asha')),
+                                   ('Optuna + ASHA on ranges, 12 trials', RANGES,
+                                    dict(halving, scheduler='asha', algorithm='optuna', num_samples=12))):
+        key = name.split()[0].lower()
+        if key in args.runs.split(','):
+            table, table_rungs, wall, images, _ = run(args, key, samplers, search, trained)
+            searches[name] = table, table_rungs, wall, images
     rungs = sorted(grid_rungs['images'].unique())
     # The grid: every setting's final metric (EDM's protocol: min over blocks) and its block spread.
     blocks = grid['fid_blocks'].map(lambda b: json.loads(b) if isinstance(b, str) else list(b))
@@ -161,21 +185,17 @@ def main():
 
     second = grid_rungs[grid_rungs['images'] == rungs[1]].set_index('label')['fid']
     rho_grid = spearman(second.reindex(grid['label']).to_numpy(), grid['fid'].to_numpy())
-    o_second = optuna_rungs[optuna_rungs['images'] == rungs[1]].set_index('trial_hash')['fid']
-    o_final = optuna[~optuna['stopped']].set_index('trial_hash')['fid']
-    both = o_second.index.intersection(o_final.index)
-    rho_optuna = spearman(o_second[both], o_final[both]) if len(both) > 2 else float('nan')
-    print('\n| run | trials | images sampled | share of the grid | sweep wall time | best setting found | its FID (grid) |')
+    print('\n| run | trials | images sampled (every seed block) | share of the grid | sweep wall time | best setting found | '
+          'its FID (grid) |')
     print('|---|---|---|---|---|---|---|')
     print(f'| grid (every trial to {args.num_images} x 2 blocks) | {len(grid)} | {grid_images} | 100% | {grid_wall:.0f} s | '
           f'{setting(best["label"])} | {best["fid"]:.2f} (block spread {best["spread"]:.2f}) |')
-    for name, table, images, wall in (('ASHA on the grid', asha, asha_images, asha_wall),
-                                      ('Optuna + ASHA on ranges', optuna, optuna_images, optuna_wall)):
+    for name, (table, _, wall, images) in searches.items():
         label, value, ok = found(table)
-        print(f'| {name} | {len(table)} | {images} | {images / grid_images:.0%} | {wall:.0f} s | {label} | {value:.2f} '
+        print(f'| {name} | {len(table)} | {images} | {images / grid_images:.1%} | {wall:.0f} s | {label} | {value:.2f} '
               f'({"the best, or within its spread" if ok else "NOT within the best spread"}) |')
     print(f'\nSpearman rank correlation, rung {rungs[1]} images vs the grid\'s final metric (all {len(grid)} settings): '
-          f'{rho_grid:.2f}; Optuna trials that reached both ({len(both)}): {rho_optuna:.2f}')
+          f'{rho_grid:.2f}')
     # Replay: ASHA over the grid's recorded rungs, 2 workers as here. Beyond 12 settings, resampled
     # copies, each shifted by its own constant drawn from N(0, s^2), s = the grid's median seed-block
     # spread: a copy stands for another setting of about the same quality (exact copies would tie,
@@ -188,10 +208,12 @@ def main():
     def resample(n):
         return trajectories if n == len(trajectories) else \
             trajectories[rng.integers(0, len(trajectories), n)] + rng.normal(0, s, (n, 1))
-    print(f'\n| settings | ASHA share of the grid\'s images (replay, mean of 200 shuffles, 2 workers; copies shifted by '
-          f'N(0, {s:.2f}^2)) |\n|---|---|')
-    for n in (12, 24, 48):
-        print(f'| {n} | {replay_share(resample(n), rungs, args.factor, 2, extra):.0%} |')
+    print(f'\n| settings | SHA share of the grid\'s images (replay) | ASHA share (replay: mean +- std over 200 shuffles, '
+          f'2 workers) |\n|---|---|---|')
+    for n in (12, 24, 48):  # (beyond 12: copies shifted by N(0, s^2), s the median seed-block spread)
+        t = resample(n)
+        mean, std = replay_share(t, rungs, args.factor, 2, extra)
+        print(f'| {n} | {sha_share(t, rungs, args.factor, extra):.1%} | {mean:.1%} +- {std:.1%} |')
     # Projection: edm-stochastic-search (64 settings, rungs 500 x 3^k to 50,000, 3 seed blocks, one
     # GPU: one trial at a time), each setting's metric at the target rungs interpolated along its
     # recorded trajectory by rung position (what the replay needs is the ordering at each rung).
@@ -200,9 +222,18 @@ def main():
     where = np.linspace(0, len(rungs) - 1, len(target))
     projected = np.array([np.interp(where, np.arange(len(rungs)), t) for t in resample(64)])
     for workers in (1, 4):
-        share = replay_share(projected, target, 3, workers, 2 * 50000)
-        print(f'projected share for specs/edm-stochastic-search.yaml (64 settings, rungs {"/".join(map(str, target))}, '
-              f'3 seed blocks, {workers} trial(s) at a time): {share:.0%}')
+        share, _ = replay_share(projected, target, 3, workers, 2 * 50000)
+        print(f'projected share for specs/edm-stochastic-search.yaml (ASHA, grid-order replay: 64 settings, rungs '
+              f'{"/".join(map(str, target))}, 3 seed blocks, {workers} trial(s) at a time): {share:.0%}')
+    # calib-table1-search: its own trials, rungs and seed blocks, read from the spec.
+    table1 = spec_mod.load(os.path.join(ROOT, 'specs', 'calib-table1-search.yaml'))
+    e, n = table1.evaluate, len(table1.trials())
+    target = table1.sweep.search.rungs(e.num_images)
+    where = np.linspace(0, len(rungs) - 1, len(target))
+    projected = np.array([np.interp(where, np.arange(len(rungs)), t) for t in resample(n)])
+    print(f'projected share for specs/calib-table1-search.yaml (SHA replay: {n} settings, rungs {"/".join(map(str, target))}, '
+          f'{e.seed_blocks} seed block(s)): '
+          f'{sha_share(projected, target, table1.sweep.search.reduction_factor, (e.seed_blocks - 1) * e.num_images):.0%}')
 
 
 if __name__ == '__main__':

@@ -331,7 +331,8 @@ def calibration_name(c):
 
 def run_sweep(context, resources, storage_path, trials=None, space=None, history_key=None, max_failures=1, verbose=False,
               log=print, stall_timeout=None, record=None, tracker=None):
-    """Rows of the sweep table, one per trial, and the labels of the trials that failed.
+    """Rows of the sweep table, one per trial, the labels of the trials that failed and the images
+    the trials sampled in this run.
     trials: the grid (trial configs); space: a search space (plan) that context['search']'s
     algorithm proposes num_samples trials from, its proposals kept under history_key so that a
     re-run proposes them again first. Without a search, trials finished before (a row under
@@ -352,16 +353,18 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
         return successive_halving(trials, context, lambda todo, n: run_sweep(
             dict(context, stop_at=n), resources, storage_path, trials=todo, max_failures=max_failures, verbose=verbose,
             log=log, stall_timeout=stall_timeout, record=record, tracker=tracker), log)
+    rung = 'stop_at' in context  # one rung of synchronous halving: its driver says what runs and what was sampled
     if trials is not None:
         kept = [storage.exists(row_key(hash_of(t, context))) for t in trials]  # one lookup per trial (a request on a store)
         todo, finished = [t for t, row in zip(trials, kept) if search or not row], sum(kept)
-        log(f'sweep: {finished} of {len(trials)} trial(s) finished before and reused'
-            + (' (their rungs replayed to the scheduler)' if search and finished else '') + f'; {len(trials) - finished} to run')
+        if not rung:
+            log(f'sweep: {finished} of {len(trials)} trial(s) finished before and reused'
+                + (' (their rungs replayed to the scheduler)' if search and finished else '') + f'; {len(trials) - finished} to run')
         if search and search['scheduler'] == 'asha':
             # Asynchronous halving promotes whatever reaches a rung first: a grid listed from worst to
             # best would cost nearly the whole grid. A fixed shuffle (the spec's seed) breaks that order.
             random.Random(context['seed']).shuffle(todo)
-    errors, ran = {}, []
+    errors, ran, sampled = {}, [], 0
     if trials is None or todo:
         # Tune's new console output prints its experiment box even at verbose=0; the classic one is silent.
         os.environ['RAY_AIR_NEW_OUTPUT'] = '1' if verbose else '0'
@@ -427,8 +430,10 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
             if storage.exists(samples_key(h)):
                 tracker.log_artifact(run_id, storage, samples_key(h), 'samples')
         stopped = sum(storage.exists(row_key(h)) and storage.read_json(row_key(h)).get('stopped') for h in dict(ran))
-        log(f'sweep: {progress.new_images} image(s) sampled in this run'
-            + (f'; {stopped} of {len(dict(ran))} trial(s) stopped early by {search["scheduler"].upper()}' if search else ''))
+        sampled = progress.new_images
+        if not rung:
+            log(f'sweep: {sampled} image(s) sampled in this run'
+                + (f'; {stopped} of {len(dict(ran))} trial(s) stopped early by {search["scheduler"].upper()}' if search else ''))
     listed = [(hash_of(t, context), t) for t in trials] if trials is not None else list(dict(ran).items())
     rows = []
     for h, trial in dict(listed).items():
@@ -436,7 +441,7 @@ def run_sweep(context, resources, storage_path, trials=None, space=None, history
             rows.append(storage.read_json(row_key(h)))
         else:
             rows.append(dict(trial_row(trial), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)')))
-    return rows, [r['label'] for r in rows if r.get('error')]
+    return rows, [r['label'] for r in rows if r.get('error')], sampled
 
 
 def halving(reached, rungs, reduction_factor):
@@ -464,15 +469,18 @@ def _reached(storage, h):
 
 def successive_halving(trials, context, run_rung, log):
     """sweep.search.scheduler: sha. A loop on the driver: the rung halving() says is being
-    measured runs as one Tune grid (run_rung(trials, rung) -> (rows, failed labels)) over its
+    measured runs as one Tune grid (run_rung(trials, rung) -> run_sweep's (rows, failed, sampled)) over its
     trials that have not measured it, each growing from its kept sums to that rung and stopping
     there; then the next cut. A failed trial counts NaN from then on. Every decision reads the
     kept rung records only, so a driver killed at any point makes the same promotions on re-run.
     Trials cut before num_images get their last rung's row (stopped: true). Returns run_sweep's
-    (rows, failed labels)."""
+    (rows, failed labels, images sampled)."""
     storage, rungs = context['storage'], context['rungs']
     by_hash = {hash_of(t, context): t for t in trials}
-    errors = {}
+    finished = sum(storage.exists(row_key(h)) for h in by_hash)
+    log(f'sweep: {finished} of {len(by_hash)} trial(s) finished before and reused; the kept rungs of the others are read, '
+        'not sampled again')
+    errors, sampled = {}, 0
     while True:
         reached = {h: _reached(storage, h) for h in by_hash}
         for h in errors:  # failed: NaN at every rung it has not measured
@@ -483,18 +491,19 @@ def successive_halving(trials, context, run_rung, log):
         if not todo:
             break
         log(f'sweep: SHA rung {k + 1} of {len(rungs)} ({n} images): {len(inside[-1])} trial(s) in, {len(todo)} to measure')
-        rows, _ = run_rung(todo, n)
+        rows, _, more = run_rung(todo, n)
+        sampled += more
         # A trial that ended at the rung as asked has no row yet; one that did not measure it failed.
         errors.update({r['trial_hash']: r['error'] for r in rows if r.get('error') and n not in _reached(storage, r['trial_hash'])})
     for h, trial in by_hash.items():
         if h not in inside[-1] and h not in errors and not storage.exists(row_key(h)):
             stop_trial(storage, h, trial)
     stopped = sum(h not in inside[-1] for h in by_hash)
-    log(f'sweep: SHA kept {len(inside[-1])} of {len(by_hash)} trial(s) to {rungs[-1]} images; {stopped} stopped early')
+    log(f'sweep: {sampled} image(s) sampled in this run; {stopped} of {len(by_hash)} trial(s) stopped early by SHA')
     rows = [storage.read_json(row_key(h)) if storage.exists(row_key(h)) and h not in errors
             else dict(trial_row(t), trial_hash=h, error=errors.get(h, 'did not report (its worker was lost)'))
             for h, t in by_hash.items()]
-    return rows, [r['label'] for r in rows if r.get('error')]
+    return rows, [r['label'] for r in rows if r.get('error')], sampled
 
 
 def stop_trial(storage, h, trial):
@@ -564,7 +573,7 @@ def run_sweep_stage(stage, upstream, dataset, opts):
     space = stage.inputs.get('space')
     # An algorithm's proposals are kept by what they depend on, not by num_samples: a larger search reuses them.
     history = space and f'{TRIALS}/search-{stable_hash(dict(space=space, search=dict(search, num_samples=None), depends=stage.depends, evaluate=stage.inputs["evaluate"]))}.json'
-    rows, failed = run_sweep(context, stage.options['trial_resources'], stage.storage.uri(stage.key, 'ray'),
+    rows, failed, _ = run_sweep(context, stage.options['trial_resources'], stage.storage.uri(stage.key, 'ray'),
                              trials=stage.inputs['trials'], space=space, history_key=history,
                              max_failures=stage.options['max_failures'], verbose=opts.verbose, log=opts.log,
                              stall_timeout=opts.stall_timeout, record=opts.record, tracker=opts.tracker)

@@ -616,3 +616,9 @@ def test_estimate_table_refuses_sigmas_outside_the_model():
     net = _Scaled(0.5)  # sigma in [0.002, 80]
     with pytest.raises(ValueError, match=r"^sigmas: 0.001 lies outside the model's \[0.002, 80\], where it was never trained"):
         calibration.estimate_table(net, torch.zeros(2, 1, 4, 4), [0.001, 0.5])
+
+
+def test_segments_cut_chunks_at_the_image_counts():
+    from orchestrator.calibrate import segment_chunks
+    assert segment_chunks([16, 48], 8) == [[0, 1], [2, 3, 4, 5]]
+    assert segment_chunks([50], 8) == [list(range(7))]  # one count: the last chunk may be short

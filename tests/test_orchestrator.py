@@ -145,12 +145,6 @@ def test_two_worker_training_killed_midway_resumes_exactly_on_loopback_only(ray_
     assert [r['kimg'] for r in a['log']] == [r['kimg'] for r in b['log']]
 
 
-def test_segments_cut_chunks_at_the_image_counts():
-    from orchestrator.calibrate import segment_chunks
-    assert segment_chunks([16, 48], 8) == [[0, 1], [2, 3, 4, 5]]
-    assert segment_chunks([50], 8) == [list(range(7))]  # one count: the last chunk may be short
-
-
 @needs_fashion
 def test_killed_calibration_actor_gives_identical_table(ray_cluster, tmp_path):
     """A lost actor's chunks are recomputed: the merged tables are bit for bit those of a run
@@ -347,33 +341,6 @@ def test_training_snapshots_calibrated_and_swept_end_to_end(ray_cluster, tmp_pat
     assert md.count('| 0.064 |') == 1 and md.count('| 0.128 |') == 1
 
 
-def test_two_experiments_share_a_results_root(tmp_path):
-    """Concurrent writers of two experiments never corrupt each other's files (atomic renames
-    into separate folders)."""
-    root = str(tmp_path)
-    errors = []
-
-    def writer(name):
-        try:
-            for i in range(20):
-                rows = [dict(step=j, value=float(i * j), payload='x' * 1000) for j in range(200)]
-                results.write_table(root, name, 'sweep', rows, dict(experiment=name))
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in ('a', 'b')]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    for name in ('a', 'b'):
-        df = pd.read_parquet(os.path.join(root, name, 'sweep.parquet'))
-        assert len(df) == 200 and (df['experiment'] == name).all() and df['value'].iloc[-1] == 19 * 199
-    assert results.experiments(root) == ['a', 'b']
-    assert not [f for f in os.listdir(os.path.join(root, 'a')) if '.tmp' in f]
-
-
 @needs_fashion
 def test_submit_runs_the_spec_as_a_ray_job(ray_cluster, tmp_path, capsys):
     """`orchestrator submit --wait` ships the tracked sources and a spec from outside the project
@@ -508,27 +475,3 @@ def test_non_finite_results_fail_their_stage_in_one_line(ray_cluster, tmp_path):
     assert time.time() - started < 120  # stopped at once, not after Ray Train's retries
     stages = runner.plan.make_plan(diverging, root)
     assert not stages[0].done
-
-
-def test_show_tells_a_running_run_from_a_dead_one(tmp_path):
-    """`show` reads run.json and the lease alone: a run whose lease is renewed is running (its
-    owner, since when, its stage); the same record with the lease expired is a run that died."""
-    from orchestrator.plan import Stage
-    from orchestrator.storage import Storage
-    storage = Storage(str(tmp_path))
-    stages = [Stage('train', 'a' * 16, 'x/stages/train-' + 'a' * 16, {}, ''), Stage('sweep', 'b' * 16, 'x/stages/sweep-' + 'b' * 16, {}, '')]
-    record = results.RunRecord(storage, 'x', 'c' * 16, stages)
-    storage.write_json(f'x/stages/train-{"a" * 16}/DONE.json', {})
-    record.stage_done('train', 'a' * 16, 'ran', 12.0)
-    record.update(stage=dict(name='sweep', hash='b' * 16, since='2026-11-30T10:00:00+00:00'),
-                  sweep=dict(best=dict(label='edm num_steps=18', fid=3.5), rungs={'500': 12, '1500': 4}, trials_done=3))
-    now = time.time()
-    storage.write_json('x/.lease.json', dict(owner='o', pid=4242, host='node-1', started='then', expires=now + 20))
-    shown = '\n'.join(results.show(storage, 'x', now=now))
-    assert 'last run: running since' in shown and 'pid 4242 on node-1 (lease renewed 10 s ago); stage sweep since 2026-11-30T10:00:00' in shown
-    assert re.search(r'train +a{16} +done \(ran in this run, 12 s\)', shown) and re.search(r'sweep +b{16} +running since', shown)
-    assert 'sweep so far: 3 trial(s) done; best fid 3.50 (first seed block): edm num_steps=18; rungs 500:12 1500:4' in shown
-    dead = '\n'.join(results.show(storage, 'x', now=now + 60))
-    assert 'last run: died' in dead and 'pid' in dead
-    with pytest.raises(FileNotFoundError, match="no experiment 'y'"):
-        results.show(storage, 'y')

@@ -2,8 +2,10 @@
 server on loopback: the s3_bucket fixture of conftest.py), and results read straight from a
 bucket with pandas."""
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import pandas as pd
@@ -182,3 +184,58 @@ def test_cli_results_and_figures_read_the_bucket(s3_bucket, capsys, tmp_path):
     for name in ('training_progress.md', 'sweep.md'):  # the same tables as from a local root
         with open(os.path.join(local, 'quickstart', name)) as f:
             assert storage.read_bytes(f'quickstart/{name}').decode() == f.read()
+
+
+# Results and run records on a results root (no Ray).
+
+def test_two_experiments_share_a_results_root(tmp_path):
+    """Concurrent writers of two experiments never corrupt each other's files (atomic renames
+    into separate folders)."""
+    root = str(tmp_path)
+    errors = []
+
+    def writer(name):
+        try:
+            for i in range(20):
+                rows = [dict(step=j, value=float(i * j), payload='x' * 1000) for j in range(200)]
+                results.write_table(root, name, 'sweep', rows, dict(experiment=name))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ('a', 'b')]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name in ('a', 'b'):
+        df = pd.read_parquet(os.path.join(root, name, 'sweep.parquet'))
+        assert len(df) == 200 and (df['experiment'] == name).all() and df['value'].iloc[-1] == 19 * 199
+    assert results.experiments(root) == ['a', 'b']
+    assert not [f for f in os.listdir(os.path.join(root, 'a')) if '.tmp' in f]
+
+
+def test_show_tells_a_running_run_from_a_dead_one(tmp_path):
+    """`show` reads run.json and the lease alone: a run whose lease is renewed is running (its
+    owner, since when, its stage); the same record with the lease expired is a run that died."""
+    from orchestrator.plan import Stage
+    from orchestrator.storage import Storage
+    storage = Storage(str(tmp_path))
+    stages = [Stage('train', 'a' * 16, 'x/stages/train-' + 'a' * 16, {}, ''), Stage('sweep', 'b' * 16, 'x/stages/sweep-' + 'b' * 16, {}, '')]
+    record = results.RunRecord(storage, 'x', 'c' * 16, stages)
+    storage.write_json(f'x/stages/train-{"a" * 16}/DONE.json', {})
+    record.stage_done('train', 'a' * 16, 'ran', 12.0)
+    record.update(stage=dict(name='sweep', hash='b' * 16, since='2026-11-30T10:00:00+00:00'),
+                  sweep=dict(best=dict(label='edm num_steps=18', fid=3.5), rungs={'500': 12, '1500': 4}, trials_done=3))
+    now = time.time()
+    storage.write_json('x/.lease.json', dict(owner='o', pid=4242, host='node-1', started='then', expires=now + 20))
+    shown = '\n'.join(results.show(storage, 'x', now=now))
+    assert 'last run: running since' in shown and 'pid 4242 on node-1 (lease renewed 10 s ago); stage sweep since 2026-11-30T10:00:00' in shown
+    assert re.search(r'train +a{16} +done \(ran in this run, 12 s\)', shown) and re.search(r'sweep +b{16} +running since', shown)
+    assert 'sweep so far: 3 trial(s) done; best fid 3.50 (first seed block): edm num_steps=18; rungs 500:12 1500:4' in shown
+    record.update(sweep=dict(record.data['sweep'], images_generated=900, grid_images=2400))  # as the sweep stage ends
+    assert 'images generated: 900 of the grid\'s 2400 (37.5%)' in '\n'.join(results.show(storage, 'x', now=now))
+    dead = '\n'.join(results.show(storage, 'x', now=now + 60))
+    assert 'last run: died' in dead and 'pid' in dead
+    with pytest.raises(FileNotFoundError, match="no experiment 'y'"):
+        results.show(storage, 'y')

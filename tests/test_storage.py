@@ -3,8 +3,6 @@ server on loopback: the s3_bucket fixture of conftest.py), and results read stra
 bucket with pandas."""
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 

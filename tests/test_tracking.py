@@ -106,3 +106,6 @@ def test_runs_of_stages_and_trials_round_trip_through_a_sqlite_store(ray_cluster
     assert any(k.startswith('likelihood_gain_nats_') for k in cal.data.metrics)
     assert {a.path for a in client.list_artifacts(runs['sweep'].info.run_id, 'tables')} == {'tables/sweep.parquet',
                                                                                          'tables/rungs.parquet'}
+    # The images the trials generated, and their share of the grid's (4 trials x 6 images x 1 block; fifo: all of it).
+    metrics = client.get_run(runs['sweep'].info.run_id).data.metrics
+    assert metrics['images_generated'] == sweep['images_generated'].sum() == 24 and metrics['share_of_grid_images'] == 1.0
